@@ -1,0 +1,3 @@
+from p2pserver.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,198 @@
+"""Allocations, their permissions and channels, the allocation table, and the relay hot path.
+
+Times are plain floats (seconds, `time.time()` in the server) passed in by the caller, so the
+rules here run the same in unit tests without sockets or sleeps.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from p2pserver.turn.datapath import channel_data, data_indication
+
+Address = tuple[str, int]
+FiveTuple = tuple[str, Address, Address]  # (transport, client address, server address)
+
+DEFAULT_LIFETIME = 600  # RFC 8656 §7.2
+MAX_LIFETIME = 3600
+PERMISSION_LIFETIME = 300  # RFC 8656 §9
+CHANNEL_LIFETIME = 600  # RFC 8656 §12
+CHANNEL_MIN, CHANNEL_MAX = 0x4000, 0x4FFF
+
+_CHANNEL_HEADER = struct.Struct("!HH")
+
+
+class Relay(Protocol):
+    """A relay socket: the I/O half of an allocation (see relay.py)."""
+
+    family: int  # 1 = IPv4, 2 = IPv6, as in STUN address attributes
+    address: Address  # where it is bound
+
+    def start(self, on_datagram: Callable[[bytes, Address], None]) -> None: ...
+
+    def sendto(self, data: bytes, peer: Address) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RelayFactory(Protocol):
+    """Opens relay sockets on ports of the relay range (relay.py is the real one)."""
+
+    families: frozenset[int]  # the address families it can relay for
+
+    def open(
+        self, family: int, *, even_port: bool, reserve_next: bool, dont_fragment: bool
+    ) -> tuple[Relay, bytes | None]:
+        """A new relay; with reserve_next also the RESERVATION-TOKEN of port + 1. Raises
+        NoCapacity when no port is free."""
+        ...
+
+    def take_reserved(self, token: bytes) -> Relay | None: ...
+
+    def expire(self, now: float) -> None: ...
+
+
+class NoCapacity(Exception):
+    """No relay port could be had: 508 (RFC 8656 §7.2)."""
+
+
+def granted_lifetime(requested: int | None, default: int, maximum: int) -> int:
+    """RFC 8656 §7.2 and §7.3: min(requested, max), but never below the default; 0 stays 0."""
+    if requested is None:
+        return default
+    if requested == 0:
+        return 0
+    return max(default, min(requested, maximum))
+
+
+@dataclass
+class Channel:
+    number: int
+    peer: Address
+    expires: float
+
+
+@dataclass
+class Allocation:
+    five_tuple: FiveTuple
+    username: str
+    key: bytes  # the long-term key, to sign every response to this client
+    relay: Relay
+    relayed_address: Address  # what clients see: --external-ip, else the relay's address
+    expires: float
+    send_to_client: Callable[[bytes], object]
+    # The peer policy's check: every inbound datagram passes it, as every outbound one did.
+    permits: Callable[[str, int], bool]
+    pad: bool = False  # ChannelData over TCP/TLS is padded to 4 bytes (RFC 8656 §12.5)
+    permissions: dict[str, float] = field(default_factory=dict)  # peer IP -> expiry
+    channels: dict[int, Channel] = field(default_factory=dict)
+    peer_channels: dict[Address, int] = field(default_factory=dict)  # peer -> channel number
+    relayed_in: int = 0
+    relayed_out: int = 0
+
+    # --- the hot path -----------------------------------------------------------------------
+
+    def from_client_channel(self, data: bytes) -> None:
+        """ChannelData from the client: strip the 4-byte header, send to the bound peer."""
+        number, length = _CHANNEL_HEADER.unpack_from(data)
+        channel = self.channels.get(number)
+        if channel is None or length > len(data) - 4:
+            return  # RFC 8656 §12.6: unbound channel or short message, discard
+        if channel.peer[0] not in self.permissions:
+            return  # the permission expired while the channel lived on
+        self.relay.sendto(data[4 : 4 + length], channel.peer)
+        self.relayed_out += length
+
+    def from_peer(self, data: bytes, peer: Address) -> None:
+        """A datagram on the relay socket: to the client as ChannelData or a Data indication."""
+        if peer[0] not in self.permissions or not self.permits(peer[0], peer[1]):
+            return  # RFC 8656 §11.4 / DESIGN.md peer policy: drop silently
+        number = self.peer_channels.get(peer)
+        if number is not None:
+            self.send_to_client(channel_data(number, data, self.pad))
+        else:
+            self.send_to_client(data_indication(peer, data))
+        self.relayed_in += len(data)
+
+    # --- the rules around it ---------------------------------------------------------------
+
+    def permit(self, ip: str, now: float) -> None:
+        self.permissions[ip] = now + PERMISSION_LIFETIME
+
+    def bind_channel(self, number: int, peer: Address, now: float) -> str | None:
+        """Bind or refresh a channel (RFC 8656 §12.2); returns why not, or None on success."""
+        current = self.channels.get(number)
+        if current is not None and current.peer != peer:
+            return "Channel already bound to another peer"
+        bound = self.peer_channels.get(peer)
+        if bound is not None and bound != number:
+            return "Peer already bound to another channel"
+        if current is None:
+            current = self.channels[number] = Channel(number, peer, 0.0)
+            self.peer_channels[peer] = number
+        current.expires = now + CHANNEL_LIFETIME
+        self.permit(peer[0], now)  # a ChannelBind also installs or refreshes the permission
+        return None
+
+    def expire(self, now: float) -> None:
+        for ip in [ip for ip, t in self.permissions.items() if t <= now]:
+            del self.permissions[ip]
+        for number in [n for n, ch in self.channels.items() if ch.expires <= now]:
+            del self.peer_channels[self.channels.pop(number).peer]
+
+
+class AllocationTable:
+    """All allocations by 5-tuple (RFC 8656 §2.2: one allocation per 5-tuple), with quotas."""
+
+    def __init__(self, user_quota: int, max_allocations: int) -> None:
+        self.user_quota = user_quota
+        self.max_allocations = max_allocations
+        self.by_tuple: dict[FiveTuple, Allocation] = {}
+        self.per_user: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.by_tuple)
+
+    def __iter__(self) -> Iterator[Allocation]:
+        return iter(list(self.by_tuple.values()))
+
+    def get(self, five_tuple: FiveTuple) -> Allocation | None:
+        return self.by_tuple.get(five_tuple)
+
+    def quota_error(self, username: str) -> int | None:
+        """486 when this user has its quota, 508 when the server is full, else None."""
+        if self.user_quota and self.per_user[username] >= self.user_quota:
+            return 486
+        if len(self.by_tuple) >= self.max_allocations:
+            return 508
+        return None
+
+    def add(self, allocation: Allocation) -> None:
+        self.by_tuple[allocation.five_tuple] = allocation
+        self.per_user[allocation.username] += 1
+
+    def remove(self, five_tuple: FiveTuple) -> Allocation | None:
+        allocation = self.by_tuple.pop(five_tuple, None)
+        if allocation is not None:
+            self.per_user[allocation.username] -= 1
+            if self.per_user[allocation.username] <= 0:
+                del self.per_user[allocation.username]
+            allocation.relay.close()
+        return allocation
+
+    def expire(self, now: float) -> list[Allocation]:
+        """Delete expired allocations and expire permissions and channels of the rest."""
+        gone = [a for a in self.by_tuple.values() if a.expires <= now]
+        for allocation in gone:
+            self.remove(allocation.five_tuple)
+        for allocation in self.by_tuple.values():
+            allocation.expire(now)
+        return gone
+
+    def close(self) -> None:
+        for five_tuple in list(self.by_tuple):
+            self.remove(five_tuple)

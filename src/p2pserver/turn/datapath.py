@@ -1,0 +1,114 @@
+"""The data path, by hand with struct: ChannelData (RFC 8656 §12.4) and Send/Data indications
+(RFC 8656 §11). No aioice here: it costs 10-15 us a message, these cost about 1 us."""
+
+from __future__ import annotations
+
+import binascii
+import os
+import socket
+import struct
+
+from p2pserver.turn.stun import KNOWN_TYPES
+
+COOKIE = 0x2112A442
+_COOKIE_BYTES = struct.pack("!I", COOKIE)
+_SEND_INDICATION = 0x0016
+_DATA_INDICATION = b"\x00\x17"
+_XOR_PEER_ADDRESS = 0x0012
+_DATA = 0x0013
+_FINGERPRINT = 0x8028
+_HDR = struct.Struct("!HH")
+_XOR_V4 = struct.Struct("!HHBBH4s")  # type, length, reserved, family, x-port, x-address
+
+
+def is_channel_data(data: bytes) -> bool:
+    """RFC 8656 §12: ChannelData starts with 0b01; channels are 0x4000-0x4FFF (0x5000-0x7FFF
+    are reserved, so a first byte of 0x50-0x7F is dropped like any other garbage)."""
+    return 0x40 <= data[0] <= 0x4F
+
+
+def channel_data(channel: int, payload: bytes, pad: bool) -> bytes:
+    """A ChannelData message; over TCP and TLS padded to 4 bytes (RFC 8656 §12.5)."""
+    head = _HDR.pack(channel, len(payload))
+    if pad and len(payload) & 3:
+        return head + payload + bytes(-len(payload) & 3)
+    return head + payload
+
+
+def data_indication(peer: tuple[str, int], payload: bytes) -> bytes:
+    """A Data indication carrying a datagram from `peer` (RFC 8656 §11.6)."""
+    txid = os.urandom(12)
+    ip, port = peer[0], peer[1]
+    if ":" in ip:
+        packed = socket.inet_pton(socket.AF_INET6, ip)
+        mask = _COOKIE_BYTES + txid
+        xaddr = (int.from_bytes(packed) ^ int.from_bytes(mask)).to_bytes(16)
+        peer_attr = struct.pack("!HHBBH", _XOR_PEER_ADDRESS, 20, 0, 2, port ^ 0x2112) + xaddr
+    else:
+        xip = int.from_bytes(socket.inet_aton(ip)) ^ COOKIE
+        peer_attr = _XOR_V4.pack(_XOR_PEER_ADDRESS, 8, 0, 1, port ^ 0x2112, xip.to_bytes(4))
+    size = len(payload)
+    pad = -size & 3
+    body_len = len(peer_attr) + 4 + size + pad
+    return b"".join(
+        (
+            _DATA_INDICATION,
+            body_len.to_bytes(2),
+            _COOKIE_BYTES,
+            txid,
+            peer_attr,
+            _HDR.pack(_DATA, size),
+            payload,
+            bytes(pad),
+        )
+    )
+
+
+def parse_send(data: bytes) -> tuple[tuple[str, int], bytes] | None:
+    """(peer, payload) of a valid Send indication, else None: RFC 8656 §11.2 says drop, never
+    answer, an indication that is wrong."""
+    if len(data) < 20 or data[4:8] != _COOKIE_BYTES:
+        return None
+    mtype, length = _HDR.unpack_from(data)
+    if mtype != _SEND_INDICATION or length + 20 != len(data) or length & 3:
+        return None
+    peer: tuple[str, int] | None = None
+    payload: bytes | None = None
+    pos = 20
+    end = len(data)
+    while pos + 4 <= end:
+        atype, alen = _HDR.unpack_from(data, pos)
+        vstart = pos + 4
+        vend = vstart + alen
+        if vend > end:
+            return None
+        if atype == _XOR_PEER_ADDRESS and peer is None:
+            peer = _xor_address(data[vstart:vend], data[8:20])
+            if peer is None:
+                return None
+        elif atype == _DATA and payload is None:
+            payload = data[vstart:vend]
+        elif atype == _FINGERPRINT:
+            check = data[:2] + (pos + 8 - 20).to_bytes(2) + data[4:pos]
+            if alen != 4 or vend != end:
+                return None
+            if int.from_bytes(data[vstart:vend]) != binascii.crc32(check) ^ 0x5354554E:
+                return None
+        elif atype < 0x8000 and atype not in KNOWN_TYPES:
+            return None  # unknown comprehension-required: discard (RFC 8489 §7.3.2)
+        pos = vend + (-alen & 3)
+    if pos != end or peer is None or payload is None:
+        return None
+    return peer, payload
+
+
+def _xor_address(value: bytes, txid: bytes) -> tuple[str, int] | None:
+    if len(value) == 8 and value[1] == 1:
+        xip = int.from_bytes(value[4:8]) ^ COOKIE
+        return socket.inet_ntoa(xip.to_bytes(4)), int.from_bytes(value[2:4]) ^ 0x2112
+    if len(value) == 20 and value[1] == 2:
+        xip = int.from_bytes(value[4:20]) ^ int.from_bytes(_COOKIE_BYTES + txid)
+        return socket.inet_ntop(socket.AF_INET6, xip.to_bytes(16)), int.from_bytes(
+            value[2:4]
+        ) ^ 0x2112
+    return None

@@ -1,0 +1,354 @@
+"""The TURN protocol core: one handler per STUN/TURN method, authentication first.
+
+`TurnCore.handle()` takes the bytes of one message, the client it came from and the time, and
+returns the bytes to answer with (or None). It opens relays through an injected factory and
+keeps no other I/O, so everything here runs in unit tests without an event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aioice.stun import Class, Method
+
+from p2pserver.config import Settings
+from p2pserver.turn import stun
+from p2pserver.turn.allocation import (
+    CHANNEL_MAX,
+    CHANNEL_MIN,
+    DEFAULT_LIFETIME,
+    MAX_LIFETIME,
+    Address,
+    Allocation,
+    AllocationTable,
+    FiveTuple,
+    NoCapacity,
+    RelayFactory,
+    granted_lifetime,
+)
+from p2pserver.turn.auth import Credentials, Nonces, NonceStatus
+from p2pserver.turn.datapath import parse_send
+from p2pserver.turn.policy import PeerPolicy
+from p2pserver.turn.stun import BadRequest, Malformed, Request
+from p2pserver.turn.transactions import ResponseCache
+
+log = logging.getLogger(__name__)
+
+UDP = 17  # REQUESTED-TRANSPORT protocol number (RFC 8656 §14.7)
+_SEND_INDICATION = b"\x00\x16"
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """Where a message came from: its 5-tuple, and how to answer it."""
+
+    transport: str  # "udp", "tcp" or "tls"
+    remote: Address
+    local: Address
+    send: Callable[[bytes], object]
+
+    @property
+    def five_tuple(self) -> FiveTuple:
+        return (self.transport, self.remote, self.local)
+
+
+class Stats:
+    __slots__ = ("bad_requests", "dropped", "requests", "unauthenticated")
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bad_requests = 0
+        self.unauthenticated = 0
+        self.dropped = 0
+
+
+class TurnCore:
+    def __init__(
+        self,
+        settings: Settings,
+        relays: RelayFactory,
+        policy: PeerPolicy,
+        secret: str | None = None,
+        nonces: Nonces | None = None,
+        relayed_ip: Callable[[Client], str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.relays = relays
+        self.policy = policy
+        self.credentials = Credentials(settings.realm, dict(settings.users), secret)
+        self.nonces = nonces or Nonces()
+        self.table = AllocationTable(settings.user_quota, settings.max_allocations)
+        self.responses = ResponseCache()
+        self.responder = stun.Responder(settings.software)
+        self.stats = Stats()
+        # The address put in XOR-RELAYED-ADDRESS: --external-ip, else what the server decides.
+        self._relayed_ip = relayed_ip or (lambda client: settings.external_ip or client.local[0])
+        self._handlers: dict[int, Callable[[Request, Client, str, bytes, float], bytes]] = {
+            Method.ALLOCATE: self.allocate,
+            Method.REFRESH: self.refresh,
+            Method.CREATE_PERMISSION: self.create_permission,
+            Method.CHANNEL_BIND: self.channel_bind,
+        }
+
+    # --- dispatch ---------------------------------------------------------------------------
+
+    def handle(self, data: bytes, client: Client, now: float | None = None) -> bytes | None:
+        """Answer one STUN message (not ChannelData); None means send nothing."""
+        now = time.time() if now is None else now
+        if data[:2] == _SEND_INDICATION:
+            self.send_indication(data, client)
+            return None
+        try:
+            request = stun.decode(data)
+        except Malformed:
+            self.stats.dropped += 1
+            return None
+        except BadRequest as exc:
+            self.stats.bad_requests += 1
+            head = stun.header(data)
+            assert head is not None  # decode() raised Malformed for anything without one
+            extra = {"UNKNOWN-ATTRIBUTES": exc.unknown} if exc.unknown else None
+            return self.responder.error(
+                None,
+                exc.code,
+                str(exc),
+                attributes=extra,
+                method=head[0],
+                transaction_id=data[8:20],
+            )
+        if request.cls == Class.INDICATION:
+            return None  # a Binding indication is a keepalive; a broken Send was dropped above
+        self.stats.requests += 1
+        if request.method == Method.BINDING:
+            return self.responder.success(request, {"XOR-MAPPED-ADDRESS": client.remote})
+
+        cache_key = (client.five_tuple, request.transaction_id)
+        cached = self.responses.get(cache_key, now)
+        if cached is not None:
+            return cached
+        identity = self.authenticate(request, client, now)
+        if isinstance(identity, bytes):
+            self.stats.unauthenticated += 1
+            return identity
+        username, key = identity
+        response = self._handlers[request.method](request, client, username, key, now)
+        self.responses.put(cache_key, response, now)
+        return response
+
+    def authenticate(
+        self, request: Request, client: Client, now: float
+    ) -> tuple[str, bytes] | bytes:
+        """RFC 8489 §9.2.4, in its order. Returns (username, key) or the error to answer."""
+        attrs = request.attributes
+        if not request.signed:
+            return self._challenge(request, client, now, 401)
+        username, realm, nonce = attrs.get("USERNAME"), attrs.get("REALM"), attrs.get("NONCE")
+        if username is None or realm is None or nonce is None:
+            return self.responder.error(request, 400, "Missing USERNAME, REALM or NONCE")
+        if self.nonces.check(nonce, client.remote[0], now) is not NonceStatus.VALID:
+            return self._challenge(request, client, now, 438)
+        key = self.credentials.key(username, now) if realm == self.credentials.realm else None
+        if key is None or not request.check_integrity(key):
+            return self._challenge(request, client, now, 401)
+        return username, key
+
+    def _challenge(self, request: Request, client: Client, now: float, code: int) -> bytes:
+        nonce = self.nonces.issue(client.remote[0], now)
+        attrs = {"REALM": self.credentials.realm, "NONCE": nonce}
+        return self.responder.error(request, code, attributes=attrs)
+
+    def _own_allocation(
+        self, request: Request, client: Client, username: str, key: bytes
+    ) -> Allocation | bytes:
+        allocation = self.table.get(client.five_tuple)
+        if allocation is None:
+            return self.responder.error(request, 437, "No allocation on this 5-tuple", key)
+        if allocation.username != username:
+            return self.responder.error(request, 441, key=key)  # RFC 8656 §5
+        return allocation
+
+    # --- handlers, one per method (RFC 8656 §7-§12) ----------------------------------------
+
+    def allocate(
+        self, request: Request, client: Client, username: str, key: bytes, now: float
+    ) -> bytes:
+        def error(code: int, reason: str | None = None) -> bytes:
+            return self.responder.error(request, code, reason, key)
+
+        attrs = request.attributes
+        if self.table.get(client.five_tuple) is not None:
+            return error(437, "Allocation already exists")
+        transport = attrs.get("REQUESTED-TRANSPORT")
+        if transport is None:
+            return error(400, "REQUESTED-TRANSPORT missing")
+        if transport >> 24 != UDP:
+            return error(442)
+        token = attrs.get("RESERVATION-TOKEN")
+        even_port = attrs.get("EVEN-PORT")
+        family = attrs.get("REQUESTED-ADDRESS-FAMILY")
+        additional = attrs.get("ADDITIONAL-ADDRESS-FAMILY")
+        if token is not None and (even_port is not None or family is not None):
+            return error(400, "RESERVATION-TOKEN with EVEN-PORT or REQUESTED-ADDRESS-FAMILY")
+        if family is not None and additional is not None:
+            return error(400, "REQUESTED- and ADDITIONAL-ADDRESS-FAMILY together")  # §7.2
+        if additional is not None and additional != 2:
+            return error(400, "ADDITIONAL-ADDRESS-FAMILY must be IPv6")
+        family = family or 1
+        if family not in (1, 2) or family not in self.relays.families:
+            return error(440)
+        quota = self.table.quota_error(username)
+        if quota is not None:
+            return error(quota)
+
+        reservation: bytes | None = None
+        if token is not None:
+            relay = self.relays.take_reserved(token)
+            if relay is None:
+                return error(508, "Unknown or expired RESERVATION-TOKEN")
+        else:
+            try:
+                relay, reservation = self.relays.open(
+                    family,
+                    even_port=even_port is not None,
+                    reserve_next=bool(even_port),
+                    dont_fragment="DONT-FRAGMENT" in attrs,
+                )
+            except NoCapacity:
+                return error(508)
+        requested = attrs.get("LIFETIME") or None  # Allocate with LIFETIME 0: the default
+        lifetime = granted_lifetime(requested, DEFAULT_LIFETIME, MAX_LIFETIME)
+        allocation = Allocation(
+            five_tuple=client.five_tuple,
+            username=username,
+            key=key,
+            relay=relay,
+            relayed_address=(self._relayed_ip(client), relay.address[1]),
+            expires=now + lifetime,
+            send_to_client=client.send,
+            permits=self.policy.permits,
+            pad=client.transport != "udp",
+        )
+        self.table.add(allocation)
+        relay.start(allocation.from_peer)
+        log.info(
+            "allocation %s:%d for %s on %s %s:%d (%d s)",
+            *allocation.relayed_address,
+            username,
+            client.transport,
+            *client.remote,
+            lifetime,
+        )
+        answer: dict[str, Any] = {
+            "XOR-RELAYED-ADDRESS": allocation.relayed_address,
+            "LIFETIME": lifetime,
+            "XOR-MAPPED-ADDRESS": client.remote,
+        }
+        if reservation is not None:
+            answer["RESERVATION-TOKEN"] = reservation
+        if additional is not None:  # RFC 8656 §7.2: IPv6 not served, say so per family
+            answer["ADDRESS-ERROR-CODE"] = bytes((2, 0, 4, 40)) + b"Address Family not Supported"
+        return self.responder.success(request, answer, key)
+
+    def refresh(
+        self, request: Request, client: Client, username: str, key: bytes, now: float
+    ) -> bytes:
+        allocation = self._own_allocation(request, client, username, key)
+        if isinstance(allocation, bytes):
+            return allocation
+        family = request.attributes.get("REQUESTED-ADDRESS-FAMILY")
+        if family is not None and family != allocation.relay.family:
+            return self.responder.error(request, 443, key=key)  # RFC 8656 §7.3
+        lifetime = granted_lifetime(
+            request.attributes.get("LIFETIME"), DEFAULT_LIFETIME, MAX_LIFETIME
+        )
+        if lifetime == 0:
+            self.table.remove(client.five_tuple)
+            log.info("allocation %s:%d deleted by its client", *allocation.relayed_address)
+        else:
+            allocation.expires = now + lifetime
+        return self.responder.success(request, {"LIFETIME": lifetime}, key)
+
+    def create_permission(
+        self, request: Request, client: Client, username: str, key: bytes, now: float
+    ) -> bytes:
+        allocation = self._own_allocation(request, client, username, key)
+        if isinstance(allocation, bytes):
+            return allocation
+        if not request.peers:
+            return self.responder.error(request, 400, "XOR-PEER-ADDRESS missing", key)
+        for ip, _port in request.peers:  # all or nothing (RFC 8656 §10.2)
+            if _family(ip) != allocation.relay.family:
+                return self.responder.error(request, 443, key=key)
+            if not self.policy.permits_ip(ip):
+                return self.responder.error(request, 403, "Peer address not allowed", key)
+        new = {ip for ip, _ in request.peers} - allocation.permissions.keys()
+        if len(allocation.permissions) + len(new) > self.settings.max_permissions:
+            return self.responder.error(request, 508, "Too many permissions", key)
+        for ip, _port in request.peers:
+            allocation.permit(ip, now)
+        return self.responder.success(request, {}, key)
+
+    def channel_bind(
+        self, request: Request, client: Client, username: str, key: bytes, now: float
+    ) -> bytes:
+        allocation = self._own_allocation(request, client, username, key)
+        if isinstance(allocation, bytes):
+            return allocation
+        number = request.attributes.get("CHANNEL-NUMBER")
+        if number is None or not request.peers:
+            return self.responder.error(
+                request, 400, "CHANNEL-NUMBER or XOR-PEER-ADDRESS missing", key
+            )
+        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
+            return self.responder.error(request, 400, "Channel number out of range", key)
+        peer = request.peers[0]
+        if _family(peer[0]) != allocation.relay.family:
+            return self.responder.error(request, 443, key=key)
+        if not self.policy.permits(*peer):
+            return self.responder.error(request, 403, "Peer address not allowed", key)
+        if (
+            peer[0] not in allocation.permissions
+            and len(allocation.permissions) >= self.settings.max_permissions
+        ):
+            return self.responder.error(request, 508, "Too many permissions", key)
+        problem = allocation.bind_channel(number, peer, now)
+        if problem is not None:
+            return self.responder.error(request, 400, problem, key)  # RFC 8656 §12.2
+        return self.responder.success(request, {}, key)
+
+    def send_indication(self, data: bytes, client: Client) -> None:
+        """RFC 8656 §11.3: relay the DATA to the peer if there is a permission, else drop."""
+        allocation = self.table.get(client.five_tuple)
+        parsed = parse_send(data) if allocation is not None else None
+        if parsed is None or allocation is None:
+            self.stats.dropped += 1
+            return
+        (ip, port), payload = parsed
+        if ip not in allocation.permissions or not self.policy.permits(ip, port):
+            return
+        if _family(ip) != allocation.relay.family:
+            return
+        allocation.relay.sendto(payload, (ip, port))
+        allocation.relayed_out += len(payload)
+
+    # --- housekeeping -------------------------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        for allocation in self.table.expire(now):
+            log.info("allocation %s:%d expired", *allocation.relayed_address)
+        self.responses.expire(now)
+        self.relays.expire(now)
+
+    def drop_client(self, five_tuple: FiveTuple) -> None:
+        """A TCP/TLS client connection closed: its allocation goes with it (RFC 8656 §5)."""
+        allocation = self.table.remove(five_tuple)
+        if allocation is not None:
+            log.info("allocation %s:%d closed with its connection", *allocation.relayed_address)
+
+
+def _family(ip: str) -> int:
+    return 2 if ":" in ip else 1

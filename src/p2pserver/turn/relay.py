@@ -1,0 +1,164 @@
+"""Relay sockets: plain non-blocking UDP sockets read through `loop.add_reader`.
+
+They are opened synchronously inside the Allocate handler (no await between the request and
+its answer) and read in batches, which is cheaper than a DatagramProtocol per allocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import random
+import socket
+from collections.abc import Callable
+
+from p2pserver.turn.allocation import Address, NoCapacity
+
+log = logging.getLogger(__name__)
+
+RESERVATION_LIFETIME = 30.0  # RFC 8656 §7.2 (EVEN-PORT R bit): "about 30 seconds"
+_READ_BATCH = 64  # datagrams read per wake-up, so one busy relay cannot starve the rest
+_BIND_TRIES = 40
+_BUFFER = 65535
+_RCVBUF = 1 << 20
+
+
+class RelaySocket:
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+        self.sock = sock
+        self.loop = loop
+        self.family = 2 if sock.family == socket.AF_INET6 else 1
+        self.address: Address = sock.getsockname()[:2]
+        self.dropped = 0
+        self._reading = False
+
+    def start(self, on_datagram: Callable[[bytes, Address], None]) -> None:
+        sock = self.sock
+
+        def readable() -> None:
+            for _ in range(_READ_BATCH):
+                try:
+                    data, addr = sock.recvfrom(_BUFFER)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    continue  # ICMP errors surface here; the next datagram may be fine
+                on_datagram(data, addr)
+
+        self.loop.add_reader(sock.fileno(), readable)
+        self._reading = True
+
+    def sendto(self, data: bytes, peer: Address) -> None:
+        try:
+            self.sock.sendto(data, peer)
+        except OSError:
+            self.dropped += 1  # UDP: a full buffer or an ICMP error loses this datagram only
+
+    def close(self) -> None:
+        if self.sock.fileno() < 0:
+            return
+        if self._reading:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
+class RelayPorts:
+    """Opens relay sockets on a random free port of the range, and keeps EVEN-PORT reservations."""
+
+    def __init__(
+        self,
+        bind_ip: str,
+        ports: tuple[int, int],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.bind_ip = bind_ip
+        self.ports = ports
+        self.loop = loop
+        self.af = socket.AF_INET6 if ":" in bind_ip else socket.AF_INET
+        self.families = frozenset({2 if self.af == socket.AF_INET6 else 1})
+        self.reservations: dict[bytes, tuple[socket.socket, float]] = {}
+
+    def _bind(self, port: int) -> socket.socket | None:
+        sock = socket.socket(self.af, socket.SOCK_DGRAM)
+        try:
+            if self.af == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind((self.bind_ip, port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return None
+            raise
+        sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+        return sock
+
+    def _candidates(self, even: bool) -> list[int]:
+        low, high = self.ports
+        picks = []
+        for _ in range(_BIND_TRIES):
+            port = random.randint(low, high)
+            if even:
+                port &= ~1
+                if port < low or port + 1 > high:
+                    continue
+            picks.append(port)
+        return picks
+
+    def open(
+        self, family: int, *, even_port: bool, reserve_next: bool, dont_fragment: bool
+    ) -> tuple[RelaySocket, bytes | None]:
+        if family not in self.families:
+            raise NoCapacity("address family not served")
+        for port in self._candidates(even_port or reserve_next):
+            sock = self._bind(port)
+            if sock is None:
+                continue
+            token = None
+            if reserve_next:
+                partner = self._bind(port + 1)
+                if partner is None:
+                    sock.close()
+                    continue
+                token = os.urandom(8)
+                self.reservations[token] = (partner, self.loop.time() + RESERVATION_LIFETIME)
+            if dont_fragment:
+                _set_dont_fragment(sock)
+            return RelaySocket(sock, self.loop), token
+        raise NoCapacity("no free relay port")
+
+    def take_reserved(self, token: bytes) -> RelaySocket | None:
+        entry = self.reservations.pop(token, None)
+        if entry is None:
+            return None
+        return RelaySocket(entry[0], self.loop)
+
+    def expire(self, now: float) -> None:
+        """`now` is ignored: reservations run on the loop's monotonic clock."""
+        t = self.loop.time()
+        for token in [k for k, (_, exp) in self.reservations.items() if exp <= t]:
+            self.reservations.pop(token)[0].close()
+
+    def close(self) -> None:
+        for sock, _ in self.reservations.values():
+            sock.close()
+        self.reservations.clear()
+
+
+def _set_dont_fragment(sock: socket.socket) -> None:
+    """DONT-FRAGMENT (RFC 8656 §14.8): set DF on what this relay sends, where the OS lets us."""
+    option = getattr(socket, "IP_MTU_DISCOVER", None)
+    value = getattr(socket, "IP_PMTUDISC_DO", None)
+    if option is None or value is None:
+        return
+    try:
+        if sock.family == socket.AF_INET:
+            sock.setsockopt(socket.IPPROTO_IP, option, value)
+        else:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MTU_DISCOVER, value)
+    except OSError:
+        log.debug("could not set DF on a relay socket")

@@ -1,0 +1,282 @@
+"""The asyncio layer: UDP, TCP and TLS listeners around TurnCore, and the expiry timer.
+
+ChannelData from clients never reaches TurnCore: the listeners hand it to the allocation of its
+5-tuple straight away (allocation.py, `from_client_channel`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+import ssl
+import time
+from functools import partial
+from typing import cast
+
+from p2pserver.config import Settings
+from p2pserver.turn.allocation import Address, Allocation
+from p2pserver.turn.framing import FramingError, StreamFramer
+from p2pserver.turn.handlers import Client, TurnCore
+from p2pserver.turn.policy import PeerPolicy
+from p2pserver.turn.relay import RelayPorts
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 1.0
+TCP_IDLE_TIMEOUT = 60.0  # a TCP/TLS connection that allocates nothing is closed after this
+TCP_MAX_BUFFERED = 1 << 20  # relay data for a client that does not read is dropped past this
+
+
+class RateLimitedLog:
+    """At most one line per `interval` for a kind of trouble, with how often it happened."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._count: dict[str, int] = {}
+
+    def __call__(self, kind: str, message: str, *, error: bool = False) -> None:
+        self._count[kind] = self._count.get(kind, 0) + 1
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.interval) < self.interval:
+            return
+        self._last[kind] = now
+        count, self._count[kind] = self._count[kind], 0
+        (self.logger.error if error else self.logger.warning)(
+            "%s (%d in the last %.0f s)", message, count, self.interval
+        )
+
+
+class UdpListener(asyncio.DatagramProtocol):
+    def __init__(self, server: TurnServer) -> None:
+        self.server = server
+        self.core = server.core
+        self.allocations = server.core.table.by_tuple
+        self.transport: asyncio.DatagramTransport | None = None
+        self.local: Address = ("0.0.0.0", 0)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+        self.local = transport.get_extra_info("sockname")[:2]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
+        if len(addr) > 2:
+            addr = addr[:2]  # IPv6 sockets add flowinfo and scope
+        if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:  # ChannelData: the hot path
+            allocation = self.allocations.get(("udp", addr, self.local))
+            if allocation is not None:
+                allocation.from_client_channel(data)
+            return
+        assert self.transport is not None
+        client = Client("udp", addr, self.local, partial(self.transport.sendto, addr=addr))
+        try:
+            reply = self.core.handle(data, client)
+        except Exception:
+            self.server.internal_errors += 1
+            self.server.ratelog("internal", "error handling a UDP message", error=True)
+            log.debug("handler failure", exc_info=True)
+            return
+        if reply is not None:
+            self.transport.sendto(reply, addr)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors for one client say nothing about the others
+
+
+class StreamConnection(asyncio.Protocol):
+    """One TURN client over TCP or TLS: a 5-tuple of its own, with at most one allocation."""
+
+    def __init__(self, server: TurnServer, transport_name: str) -> None:
+        self.server = server
+        self.core = server.core
+        self.name = transport_name
+        self.framer = StreamFramer()
+        self.transport: asyncio.Transport | None = None
+        self.client: Client | None = None
+        self.allocation: Allocation | None = None
+        self.opened = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        remote = transport.get_extra_info("peername")[:2]
+        local = transport.get_extra_info("sockname")[:2]
+        self.client = Client(self.name, remote, local, self._send)
+        self.server.connections.add(self)
+
+    def _send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() < TCP_MAX_BUFFERED:
+            transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None and self.client is not None
+        try:
+            frames = self.framer.feed(data)
+        except FramingError:
+            self.server.ratelog("framing", "closed a TCP connection that sent garbage")
+            self.transport.close()
+            return
+        for frame in frames:
+            if 0x40 <= frame[0] <= 0x4F:
+                allocation = self.allocation or self.core.table.get(self.client.five_tuple)
+                self.allocation = allocation
+                if allocation is not None:
+                    allocation.from_client_channel(frame)
+                continue
+            try:
+                reply = self.core.handle(frame, self.client)
+            except Exception:
+                self.server.internal_errors += 1
+                self.server.ratelog("internal", "error handling a TCP message", error=True)
+                log.debug("handler failure", exc_info=True)
+                continue
+            if reply is not None:
+                self.transport.write(reply)
+            self.allocation = self.core.table.get(self.client.five_tuple)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self.client is not None:
+            self.core.drop_client(self.client.five_tuple)
+        self.transport = None
+
+    def idle(self, now: float) -> bool:
+        return self.allocation is None and now - self.opened > TCP_IDLE_TIMEOUT
+
+
+class TurnServer:
+    """STUN/TURN on UDP and TCP (and TLS with a certificate), relays on UDP."""
+
+    def __init__(self, settings: Settings, secret: str | None = None) -> None:
+        self.settings = settings
+        self.secret = secret if secret is not None else settings.secret
+        self.ratelog = RateLimitedLog(log)
+        self.internal_errors = 0
+        self.connections: set[StreamConnection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._udp: asyncio.DatagramTransport | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.relays: RelayPorts
+        self.core: TurnCore
+        self.addresses: list[tuple[str, str, int]] = []
+
+    def _relayed_ip(self, client: Client) -> str:
+        """XOR-RELAYED-ADDRESS's IP: --external-ip, the relay's own IP, or where the client came."""
+        s = self.settings
+        for candidate in (s.external_ip, self.relays.bind_ip, client.local[0]):
+            if candidate and not ipaddress.ip_address(candidate).is_unspecified:
+                return candidate
+        return _primary_ip(":" in self.relays.bind_ip)
+
+    async def start(self) -> None:
+        s = self.settings
+        if not (s.users or self.secret):
+            log.warning("no --user and no --secret: every TURN request will be refused")
+        loop = asyncio.get_running_loop()
+        self.relays = RelayPorts(s.turn_relay_ip, s.relay_ports, loop)
+        own = [ip for ip in (s.relay_ip, s.external_ip, s.turn_host) if ip]
+        policy = PeerPolicy(
+            allow=s.allow_peers,
+            deny=s.deny_peers,
+            own_addresses=own,
+            relay_ports=s.relay_ports,
+            listen_ports={s.turn_port, s.tls_port},
+        )
+        self.core = TurnCore(s, self.relays, policy, self.secret, relayed_ip=self._relayed_ip)
+        try:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: UdpListener(self), local_addr=(s.turn_host, s.turn_port)
+            )
+            self._udp = transport
+            sock = transport.get_extra_info("socket")
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
+            port = transport.get_extra_info("sockname")[1]
+            self.addresses.append(("udp", s.turn_host, port))
+            tcp = await loop.create_server(
+                lambda: StreamConnection(self, "tcp"), s.turn_host, port, reuse_address=True
+            )
+            self._servers.append(tcp)
+            self.addresses.append(("tcp", s.turn_host, port))
+            if s.tls_cert and s.tls_key:
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(s.tls_cert, s.tls_key)
+                tls = await loop.create_server(
+                    lambda: StreamConnection(self, "tls"), s.turn_host, s.tls_port, ssl=context
+                )
+                self._servers.append(tls)
+                self.addresses.append(("tls", s.turn_host, tls.sockets[0].getsockname()[1]))
+        except OSError:
+            await self.stop()
+            raise
+        policy.listen_ports = frozenset(port for _, _, port in self.addresses)
+        self._sweeper = asyncio.create_task(self._sweep())
+        for transport_name, host, port in self.addresses:
+            log.info("STUN/TURN listening on %s %s:%d", transport_name, host, port)
+        low, high = s.relay_ports
+        log.info("relays on %s ports %d-%d, realm %r", s.turn_relay_ip, low, high, s.realm)
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                self.core.expire(time.time())
+                now = time.monotonic()
+                for connection in [c for c in self.connections if c.idle(now)]:
+                    if connection.transport is not None:
+                        connection.transport.close()
+            except Exception:
+                log.exception("expiry sweep failed")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for server in self._servers:
+            server.close()
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 2)
+        self._servers.clear()
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if hasattr(self, "core"):
+            self.core.table.close()
+            self.relays.close()
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][2]
+
+    def stats(self) -> dict[str, int]:
+        core = self.core
+        return {
+            "allocations": len(core.table),
+            "tcp_connections": len(self.connections),
+            "requests": core.stats.requests,
+            "bad_requests": core.stats.bad_requests,
+            "unauthenticated": core.stats.unauthenticated,
+            "dropped": core.stats.dropped,
+            "internal_errors": self.internal_errors,
+        }
+
+
+def _primary_ip(ipv6: bool) -> str:
+    """The address this host would use to reach the Internet; loopback when there is none.
+
+    A connected UDP socket sends nothing: connect() only asks the routing table."""
+    family, probe = (socket.AF_INET6, "2001:4860::1") if ipv6 else (socket.AF_INET, "192.0.2.1")
+    with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect((probe, 9))
+        return str(sock.getsockname()[0])
+    return "::1" if ipv6 else "127.0.0.1"

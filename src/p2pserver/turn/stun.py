@@ -1,0 +1,381 @@
+"""STUN messages: what aioice.stun lacks, strict validation before it is trusted, and responses.
+
+aioice parses leniently (it skips attributes that do not fit, keeps the last of repeated ones and
+accepts a missing magic cookie), so `decode()` walks every message itself first and only then
+lets aioice decode the attribute values.
+"""
+
+from __future__ import annotations
+
+import binascii
+import struct
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from aioice import stun
+from aioice.stun import Class, Message, Method
+
+HEADER = 20
+COOKIE = stun.COOKIE
+COOKIE_BYTES = struct.pack("!I", COOKIE)
+FINGERPRINT_XOR = stun.FINGERPRINT_XOR
+
+# Attribute types this server reads by number (RFC 8489 §18.3, RFC 8656 §18).
+MESSAGE_INTEGRITY = 0x0008
+MESSAGE_INTEGRITY_SHA256 = 0x001C
+FINGERPRINT = 0x8028
+XOR_PEER_ADDRESS = 0x0012
+
+# Methods this server answers (RFC 8656 §17); any other request gets 400.
+REQUEST_METHODS = frozenset(
+    {Method.BINDING, Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION, Method.CHANNEL_BIND}
+)
+
+MAX_USERNAME = 513  # RFC 8489 §14.3
+MAX_REALM_NONCE = 763  # RFC 8489 §14.9, §14.10
+
+
+def _pack_even_port(value: bool) -> bytes:
+    return b"\x80" if value else b"\x00"
+
+
+def _unpack_even_port(data: bytes) -> bool:
+    if len(data) != 1:
+        raise ValueError("EVEN-PORT must be 1 byte")
+    return bool(data[0] & 0x80)
+
+
+def _pack_family(value: int) -> bytes:
+    return bytes((value, 0, 0, 0))
+
+
+def _unpack_family(data: bytes) -> int:
+    if len(data) != 4:
+        raise ValueError("address family attribute must be 4 bytes")
+    return data[0]
+
+
+def _pack_token(value: bytes) -> bytes:
+    return value
+
+
+def _unpack_token(data: bytes) -> bytes:
+    if len(data) != 8:
+        raise ValueError("RESERVATION-TOKEN must be 8 bytes")
+    return data
+
+
+def _pack_none(value: None) -> bytes:
+    return b""
+
+
+def _unpack_none(data: bytes) -> None:
+    if data:
+        raise ValueError("attribute must be empty")
+
+
+def _pack_unknown(value: list[int]) -> bytes:
+    return struct.pack(f"!{len(value)}H", *value)
+
+
+def _unpack_unknown(data: bytes) -> list[int]:
+    if len(data) % 2:
+        raise ValueError("UNKNOWN-ATTRIBUTES must have an even length")
+    return list(struct.unpack(f"!{len(data) // 2}H", data))
+
+
+def _unpack_u32(data: bytes) -> int:
+    if len(data) != 4:
+        raise ValueError("attribute must be 4 bytes")
+    return cast(int, struct.unpack("!I", data)[0])
+
+
+def _unpack_channel(data: bytes) -> int:
+    if len(data) != 4:
+        raise ValueError("CHANNEL-NUMBER must be 4 bytes")
+    return cast(int, struct.unpack("!H", data[:2])[0])
+
+
+# Attributes aioice does not know; registered in its tables so it can read and write them.
+_EXTRA: list[stun.AttributeEntry] = [
+    (0x000A, "UNKNOWN-ATTRIBUTES", _pack_unknown, _unpack_unknown),
+    (0x0017, "REQUESTED-ADDRESS-FAMILY", _pack_family, _unpack_family),
+    (0x0018, "EVEN-PORT", _pack_even_port, _unpack_even_port),
+    (0x001A, "DONT-FRAGMENT", _pack_none, _unpack_none),
+    (0x001C, "MESSAGE-INTEGRITY-SHA256", stun.pack_bytes, stun.unpack_bytes),
+    (0x001D, "PASSWORD-ALGORITHM", stun.pack_bytes, stun.unpack_bytes),
+    (0x001E, "USERHASH", stun.pack_bytes, stun.unpack_bytes),
+    (0x0022, "RESERVATION-TOKEN", _pack_token, _unpack_token),
+    (0x002A, "CONNECTION-ID", stun.pack_unsigned, _unpack_u32),
+    (0x8000, "ADDITIONAL-ADDRESS-FAMILY", _pack_family, _unpack_family),
+    (0x8001, "ADDRESS-ERROR-CODE", stun.pack_bytes, stun.unpack_bytes),
+    (0x8002, "PASSWORD-ALGORITHMS", stun.pack_bytes, stun.unpack_bytes),
+    (0x8003, "ALTERNATE-DOMAIN", stun.pack_bytes, stun.unpack_bytes),
+    (0x8004, "ICMP", stun.pack_bytes, stun.unpack_bytes),
+    (0x8023, "ALTERNATE-SERVER", stun.pack_address, stun.unpack_address),
+]
+for _entry in _EXTRA:
+    stun.ATTRIBUTES_BY_TYPE.setdefault(_entry[0], _entry)
+    stun.ATTRIBUTES_BY_NAME.setdefault(_entry[1], _entry)
+
+# aioice reads these leniently (a short LIFETIME raises struct.error, a long one is cut); be exact.
+stun.ATTRIBUTES_BY_TYPE[0x000D] = stun.ATTRIBUTES_BY_NAME["LIFETIME"] = (
+    0x000D,
+    "LIFETIME",
+    stun.pack_unsigned,
+    _unpack_u32,
+)
+stun.ATTRIBUTES_BY_TYPE[0x0019] = stun.ATTRIBUTES_BY_NAME["REQUESTED-TRANSPORT"] = (
+    0x0019,
+    "REQUESTED-TRANSPORT",
+    stun.pack_unsigned,
+    _unpack_u32,
+)
+stun.ATTRIBUTES_BY_TYPE[0x000C] = stun.ATTRIBUTES_BY_NAME["CHANNEL-NUMBER"] = (
+    0x000C,
+    "CHANNEL-NUMBER",
+    stun.pack_unsigned_short,
+    _unpack_channel,
+)
+
+KNOWN_TYPES = frozenset(stun.ATTRIBUTES_BY_TYPE)
+
+
+class Malformed(ValueError):
+    """The bytes are not a STUN message this server may answer: drop them silently."""
+
+
+class BadRequest(ValueError):
+    """A well-framed request that is invalid: answer 400 (or `code`) with this reason."""
+
+    def __init__(self, reason: str, code: int = 400, unknown: list[int] | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.unknown = unknown or []
+
+
+@dataclass
+class Request:
+    """A validated STUN message: aioice's decoded Message plus what aioice drops."""
+
+    message: Message
+    raw: bytes
+    method: int
+    cls: int
+    peers: list[tuple[str, int]] = field(default_factory=list)  # every XOR-PEER-ADDRESS, in order
+
+    @property
+    def transaction_id(self) -> bytes:
+        return self.message.transaction_id
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        return self.message.attributes
+
+    @property
+    def signed(self) -> bool:
+        return "MESSAGE-INTEGRITY" in self.message.attributes
+
+    def check_integrity(self, key: bytes) -> bool:
+        return self.message.check_message_integrity(key)  # compare_digest inside: constant time
+
+
+def header(data: bytes) -> tuple[int, int, int] | None:
+    """(method, class, length) of a plausible STUN header (RFC 8489 §5), else None."""
+    if len(data) < HEADER or data[0] & 0xC0 or data[4:8] != COOKIE_BYTES:
+        return None
+    mtype, length = struct.unpack_from("!HH", data)
+    if length & 3:
+        return None
+    return mtype & 0x3EEF, mtype & 0x0110, length
+
+
+def decode(data: bytes) -> Request:
+    """Validate a whole STUN message (RFC 8489 §6.3) and decode it with aioice.
+
+    Raises Malformed for bytes to drop (not STUN, broken framing, bad FINGERPRINT, a response
+    or an unknown indication), BadRequest for a request to answer with an error.
+    """
+    head = header(data)
+    if head is None:
+        raise Malformed("not a STUN message")
+    method, cls, length = head
+    if HEADER + length != len(data):
+        raise Malformed("length field does not match the datagram")
+    if cls in (Class.RESPONSE, Class.ERROR):
+        raise Malformed("responses are not for a server")
+    is_request = cls == Class.REQUEST
+
+    txid = data[8:20]
+    unknown: list[int] = []
+    peers: list[tuple[str, int]] = []
+    seen: set[int] = set()
+    duplicates = False
+    pos = HEADER
+    after_integrity = False
+    fingerprint_seen = False
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise Malformed("truncated attribute header")
+        atype, alen = struct.unpack_from("!HH", data, pos)
+        end = pos + 4 + alen
+        if end > len(data):
+            raise Malformed("attribute runs past the message")
+        padded = end + (-alen & 3)
+        if padded > len(data):
+            raise Malformed("attribute padding runs past the message")
+        if fingerprint_seen:
+            raise Malformed("FINGERPRINT is not the last attribute")  # RFC 8489 §14.7
+        value = data[pos + 4 : end]
+        if atype == FINGERPRINT:
+            fingerprint_seen = True
+            if alen != 4:
+                raise Malformed("FINGERPRINT must be 4 bytes")
+            expected = binascii.crc32(_with_length(data[:pos], pos + 8 - HEADER)) ^ FINGERPRINT_XOR
+            if struct.unpack("!I", value)[0] != expected:
+                raise Malformed("FINGERPRINT does not match")
+        elif after_integrity:
+            pass  # RFC 8489 §14.5: ignore what follows MESSAGE-INTEGRITY, but FINGERPRINT
+        elif atype == MESSAGE_INTEGRITY:
+            if alen != 20:
+                raise (
+                    BadRequest("MESSAGE-INTEGRITY must be 20 bytes") if is_request else Malformed()
+                )
+            after_integrity = True
+        elif atype == MESSAGE_INTEGRITY_SHA256:
+            after_integrity = True
+        elif atype == XOR_PEER_ADDRESS:
+            try:
+                peers.append(stun.unpack_xor_address(value, txid))
+            except ValueError as exc:
+                if is_request:
+                    raise BadRequest(f"bad XOR-PEER-ADDRESS: {exc}") from None
+                raise Malformed(str(exc)) from None
+        elif atype not in KNOWN_TYPES and atype < 0x8000:
+            unknown.append(atype)  # comprehension-required (RFC 8489 §14)
+        if atype in seen:
+            duplicates = True
+        seen.add(atype)
+        pos = padded
+
+    if not is_request and cls != Class.INDICATION:
+        raise Malformed("unexpected class")
+    if unknown:
+        if is_request:
+            raise BadRequest("Unknown comprehension-required attribute", 420, unknown)
+        raise Malformed("indication with an unknown comprehension-required attribute")
+    if method not in REQUEST_METHODS and method != Method.SEND:
+        if is_request:
+            raise BadRequest("Unsupported method")
+        raise Malformed("unknown indication")
+
+    try:
+        message = stun.parse_message(data)
+        if duplicates:
+            _first_wins(message, data)
+    except (ValueError, struct.error, IndexError) as exc:
+        if is_request:
+            raise BadRequest(f"Malformed attribute: {exc}") from None
+        raise Malformed(str(exc)) from None
+    if is_request:
+        _check_lengths(message)
+    return Request(message=message, raw=data, method=method, cls=cls, peers=peers)
+
+
+def _with_length(prefix: bytes, length: int) -> bytes:
+    return prefix[:2] + struct.pack("!H", length) + prefix[4:]
+
+
+def _first_wins(message: Message, data: bytes) -> None:
+    """RFC 8489 §14: of a repeated attribute only the first counts; aioice keeps the last."""
+    done: set[int] = set()
+    pos = HEADER
+    txid = data[8:20]
+    while pos + 4 <= len(data):
+        atype, alen = struct.unpack_from("!HH", data, pos)
+        if atype in (MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256, FINGERPRINT):
+            break
+        if atype in KNOWN_TYPES and atype not in done:
+            done.add(atype)
+            _, name, _, unpack = stun.ATTRIBUTES_BY_TYPE[atype]
+            value = data[pos + 4 : pos + 4 + alen]
+            if unpack is stun.unpack_xor_address:
+                message.attributes[name] = unpack(value, transaction_id=txid)
+            else:
+                message.attributes[name] = unpack(value)
+        pos += 4 + alen + (-alen & 3)
+
+
+def _check_lengths(message: Message) -> None:
+    attrs = message.attributes
+    if len(attrs.get("USERNAME", "").encode()) > MAX_USERNAME:
+        raise BadRequest("USERNAME too long")
+    if len(attrs.get("REALM", "").encode()) > MAX_REALM_NONCE:
+        raise BadRequest("REALM too long")
+    if len(attrs.get("NONCE", b"")) > MAX_REALM_NONCE:
+        raise BadRequest("NONCE too long")
+
+
+REASONS = {
+    300: "Try Alternate",
+    400: "Bad Request",
+    401: "Unauthenticated",
+    403: "Forbidden",
+    420: "Unknown Attribute",
+    437: "Allocation Mismatch",
+    438: "Stale Nonce",
+    440: "Address Family not Supported",
+    441: "Wrong Credentials",
+    442: "Unsupported Transport Protocol",
+    443: "Peer Address Family Mismatch",
+    486: "Allocation Quota Reached",
+    500: "Server Error",
+    508: "Insufficient Capacity",
+}
+
+
+class Responder:
+    """Builds the responses of this server: SOFTWARE on each, then MESSAGE-INTEGRITY when signed
+    and FINGERPRINT when the request carried one (RFC 8489 §14.7: a client that uses it expects
+    it back)."""
+
+    def __init__(self, software: str) -> None:
+        self.software = software
+
+    def success(
+        self, request: Request, attributes: dict[str, Any], key: bytes | None = None
+    ) -> bytes:
+        return self._finish(request, Class.RESPONSE, attributes, key)
+
+    def error(
+        self,
+        request: Request | None,
+        code: int,
+        reason: str | None = None,
+        key: bytes | None = None,
+        attributes: dict[str, Any] | None = None,
+        *,
+        method: int = 0,
+        transaction_id: bytes = b"",
+    ) -> bytes:
+        attrs: dict[str, Any] = {"ERROR-CODE": (code, reason or REASONS.get(code, "Error"))}
+        attrs.update(attributes or {})
+        if request is None:  # a request aioice could not decode: answer from its header alone
+            message = Message(cast(Method, method), Class.ERROR, transaction_id, attrs)
+            message.attributes["SOFTWARE"] = self.software
+            return bytes(message)
+        return self._finish(request, Class.ERROR, attrs, key)
+
+    def _finish(
+        self, request: Request, cls: Class, attributes: dict[str, Any], key: bytes | None
+    ) -> bytes:
+        message = Message(cast(Method, request.method), cls, request.transaction_id, {})
+        message.attributes.update(attributes)
+        message.attributes["SOFTWARE"] = self.software
+        if key is not None:
+            message.add_message_integrity(key)  # adds FINGERPRINT too
+            if "FINGERPRINT" not in request.attributes:
+                del message.attributes["FINGERPRINT"]
+        elif "FINGERPRINT" in request.attributes:
+            message.add_fingerprint()
+        return bytes(message)
