@@ -1,0 +1,59 @@
+"""Fixtures for the STUN/TURN tests: a real TurnServer on 127.0.0.1 and a raw STUN client."""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from p2pserver.config import Settings
+from p2pserver.turn.server import TurnServer
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+USER, PASSWORD = "alice", "wonderland"
+SECRET = "test-shared-secret"
+LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+
+BASE = Settings(
+    http=False,
+    turn_host="127.0.0.1",
+    turn_port=0,
+    users=((USER, PASSWORD), ("bob", "builder")),
+    secret=SECRET,
+    realm="test.realm",
+)
+
+ServerFactory = Callable[..., Awaitable[TurnServer]]
+
+
+@pytest.fixture
+async def make_server() -> AsyncIterator[ServerFactory]:
+    """Start TurnServers with Settings overrides; all are stopped after the test."""
+    servers: list[TurnServer] = []
+
+    async def make(**overrides: object) -> TurnServer:
+        server = TurnServer(replace(BASE, **overrides))  # type: ignore[arg-type]
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        await server.stop()
+
+
+@pytest.fixture
+async def server(make_server: ServerFactory) -> TurnServer:
+    """The default server: loopback peers denied, as in production."""
+    return await make_server()
+
+
+@pytest.fixture
+async def open_server(make_server: ServerFactory) -> TurnServer:
+    """A server that may relay to loopback, for data-path tests on one host."""
+    return await make_server(allow_peers=(LOOPBACK,))

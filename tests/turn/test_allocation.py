@@ -1,0 +1,370 @@
+"""Allocation rules through TurnCore, without sockets: the relay factory records what it sends."""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from aioice import stun as aiostun
+from aioice.stun import Class, Message, Method
+
+from p2pserver.config import Settings
+from p2pserver.turn.allocation import (
+    CHANNEL_LIFETIME,
+    PERMISSION_LIFETIME,
+    Address,
+    NoCapacity,
+    granted_lifetime,
+)
+from p2pserver.turn.auth import long_term_key
+from p2pserver.turn.datapath import channel_data, parse_send
+from p2pserver.turn.handlers import Client, TurnCore
+from p2pserver.turn.policy import PeerPolicy
+
+NOW = 1_800_000_000.0
+PEER = ("8.8.8.8", 4000)
+
+
+class RecordingRelay:
+    def __init__(self, family: int, port: int) -> None:
+        self.family = family
+        self.address: Address = ("192.0.2.10", port)
+        self.sent: list[tuple[bytes, Address]] = []
+        self.closed = False
+        self.on_datagram: Callable[[bytes, Address], None] | None = None
+
+    def start(self, on_datagram: Callable[[bytes, Address], None]) -> None:
+        self.on_datagram = on_datagram
+
+    def sendto(self, data: bytes, peer: Address) -> None:
+        self.sent.append((data, peer))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class RecordingRelays:
+    families = frozenset({1})
+
+    def __init__(self, capacity: int = 100) -> None:
+        self.capacity = capacity
+        self.opened: list[RecordingRelay] = []
+        self.reserved: dict[bytes, RecordingRelay] = {}
+
+    def open(
+        self, family: int, *, even_port: bool, reserve_next: bool, dont_fragment: bool
+    ) -> tuple[RecordingRelay, bytes | None]:
+        if len(self.opened) >= self.capacity:
+            raise NoCapacity()
+        relay = RecordingRelay(family, 50000 + 2 * len(self.opened))
+        self.opened.append(relay)
+        token = None
+        if reserve_next:
+            token = b"T%07d" % len(self.opened)
+            self.reserved[token] = RecordingRelay(family, relay.address[1] + 1)
+        return relay, token
+
+    def take_reserved(self, token: bytes) -> RecordingRelay | None:
+        return self.reserved.pop(token, None)
+
+    def expire(self, now: float) -> None:
+        pass
+
+
+class Harness:
+    """A TurnCore plus one signed-in client on one 5-tuple."""
+
+    def __init__(self, **settings: Any) -> None:
+        defaults: dict[str, Any] = {"users": (("alice", "pw"), ("bob", "pw2")), "realm": "r"}
+        defaults.update(settings)
+        self.settings = Settings(http=False, **defaults)
+        self.relays = RecordingRelays()
+        policy = PeerPolicy(allow=self.settings.allow_peers, relay_ports=(50000, 60000))
+        self.core = TurnCore(self.settings, self.relays, policy)
+        self.to_client: list[bytes] = []
+        self.client = Client(
+            "udp", ("198.51.100.1", 5555), ("0.0.0.0", 3478), self.to_client.append
+        )
+        self.now = NOW
+
+    def request(
+        self,
+        method: Method,
+        attrs: dict[str, Any] | None = None,
+        user: str = "alice",
+        password: str = "pw",
+        txid: bytes | None = None,
+        client: Client | None = None,
+    ) -> Message:
+        client = client or self.client
+        message = Message(method, Class.REQUEST, txid, dict(attrs or {}))
+        message.attributes["USERNAME"] = user
+        message.attributes["REALM"] = "r"
+        message.attributes["NONCE"] = self.core.nonces.issue(client.remote[0], self.now)
+        message.add_message_integrity(long_term_key(user, "r", password))
+        raw = self.core.handle(bytes(message), client, self.now)
+        assert raw is not None
+        return aiostun.parse_message(raw)
+
+    def allocate(self, **attrs: Any) -> Message:
+        base: dict[str, Any] = {"REQUESTED-TRANSPORT": 0x11000000}
+        base.update(attrs)
+        return self.request(Method.ALLOCATE, base)
+
+
+def test_granted_lifetime() -> None:
+    assert granted_lifetime(None, 600, 3600) == 600
+    assert granted_lifetime(0, 600, 3600) == 0
+    assert granted_lifetime(30, 600, 3600) == 600
+    assert granted_lifetime(1200, 600, 3600) == 1200
+    assert granted_lifetime(99999, 600, 3600) == 3600
+
+
+def test_allocate_then_second_allocate_on_same_5_tuple_is_437() -> None:
+    h = Harness()
+    first = h.allocate()
+    assert first.message_class == Class.RESPONSE
+    assert first.attributes["LIFETIME"] == 600
+    assert first.attributes["XOR-MAPPED-ADDRESS"] == h.client.remote
+    assert h.allocate().error_code == 437
+
+
+def test_retransmitted_allocate_gets_the_same_success() -> None:
+    h = Harness()
+    txid = b"retransmit!!"
+    attrs = {"REQUESTED-TRANSPORT": 0x11000000}
+    first = h.request(Method.ALLOCATE, attrs, txid=txid)
+    again = h.request(Method.ALLOCATE, attrs, txid=txid)
+    assert again.message_class == Class.RESPONSE
+    assert again.attributes["XOR-RELAYED-ADDRESS"] == first.attributes["XOR-RELAYED-ADDRESS"]
+    assert len(h.relays.opened) == 1
+
+
+def test_allocate_validation_errors() -> None:
+    h = Harness()
+    assert h.request(Method.ALLOCATE, {}).error_code == 400
+    assert h.allocate(**{"REQUESTED-TRANSPORT": 0x06000000}).error_code == 442
+    assert h.allocate(**{"REQUESTED-ADDRESS-FAMILY": 2}).error_code == 440
+    both = {"EVEN-PORT": False, "RESERVATION-TOKEN": b"12345678"}
+    assert h.allocate(**both).error_code == 400
+    assert h.allocate(**{"RESERVATION-TOKEN": b"nosuchtk"}).error_code == 508
+    assert h.relays.opened == []  # no state for any of them
+
+
+def test_even_port_with_reservation_then_allocate_with_the_token() -> None:
+    h = Harness()
+    first = h.allocate(**{"EVEN-PORT": True})
+    token = first.attributes["RESERVATION-TOKEN"]
+    port = first.attributes["XOR-RELAYED-ADDRESS"][1]
+    assert port % 2 == 0
+    other = Client("udp", ("198.51.100.1", 6666), h.client.local, h.to_client.append)
+    second = h.request(
+        Method.ALLOCATE,
+        {"REQUESTED-TRANSPORT": 0x11000000, "RESERVATION-TOKEN": token},
+        client=other,
+    )
+    assert second.attributes["XOR-RELAYED-ADDRESS"][1] == port + 1
+    again = h.request(
+        Method.ALLOCATE,
+        {"REQUESTED-TRANSPORT": 0x11000000, "RESERVATION-TOKEN": token},
+        client=Client("udp", ("198.51.100.1", 7777), h.client.local, h.to_client.append),
+    )
+    assert again.error_code == 508  # a token is good once
+
+
+def test_additional_address_family_is_answered_per_family() -> None:
+    h = Harness()
+    answer = h.allocate(**{"ADDITIONAL-ADDRESS-FAMILY": 2})
+    assert answer.message_class == Class.RESPONSE
+    assert answer.attributes["ADDRESS-ERROR-CODE"][:4] == bytes((2, 0, 4, 40))
+
+
+def test_quotas_486_per_user_and_508_when_full() -> None:
+    h = Harness(user_quota=1, max_allocations=2)
+    assert h.allocate().message_class == Class.RESPONSE
+    second = Client("udp", ("198.51.100.1", 6000), h.client.local, h.to_client.append)
+    a = h.request(Method.ALLOCATE, {"REQUESTED-TRANSPORT": 0x11000000}, client=second)
+    assert a.error_code == 486
+    b = h.request(
+        Method.ALLOCATE,
+        {"REQUESTED-TRANSPORT": 0x11000000},
+        user="bob",
+        password="pw2",
+        client=second,
+    )
+    assert b.message_class == Class.RESPONSE
+    third = Client("udp", ("198.51.100.1", 6001), h.client.local, h.to_client.append)
+    assert h.request(
+        Method.ALLOCATE,
+        {"REQUESTED-TRANSPORT": 0x11000000},
+        user="bob",
+        password="pw2",
+        client=third,
+    ).error_code in (486, 508)
+    h.relays.capacity = 0
+    h.core.table.user_quota = 0
+    h.core.table.max_allocations = 100
+    fourth = Client("udp", ("198.51.100.1", 6002), h.client.local, h.to_client.append)
+    c = h.request(Method.ALLOCATE, {"REQUESTED-TRANSPORT": 0x11000000}, client=fourth)
+    assert c.error_code == 508  # no relay port
+
+
+def test_requests_without_allocation_are_437_and_other_users_441() -> None:
+    h = Harness()
+    assert h.request(Method.REFRESH).error_code == 437
+    assert h.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": PEER}).error_code == 437
+    h.allocate()
+    other = h.request(Method.REFRESH, user="bob", password="pw2")
+    assert other.error_code == 441
+    assert other.check_message_integrity(long_term_key("bob", "r", "pw2"))
+
+
+def test_refresh_lifetime_and_delete() -> None:
+    h = Harness()
+    h.allocate()
+    assert h.request(Method.REFRESH, {"LIFETIME": 1800}).attributes["LIFETIME"] == 1800
+    assert h.request(Method.REFRESH, {"LIFETIME": 99999}).attributes["LIFETIME"] == 3600
+    assert h.request(Method.REFRESH, {"REQUESTED-ADDRESS-FAMILY": 2}).error_code == 443
+    assert h.request(Method.REFRESH, {"LIFETIME": 0}).attributes["LIFETIME"] == 0
+    assert h.relays.opened[0].closed
+    assert len(h.core.table) == 0
+
+
+def test_allocation_expires() -> None:
+    h = Harness()
+    h.allocate()
+    h.core.expire(NOW + 599)
+    assert len(h.core.table) == 1
+    h.core.expire(NOW + 600)
+    assert len(h.core.table) == 0 and h.relays.opened[0].closed
+
+
+def test_create_permission_all_or_nothing_and_expiry() -> None:
+    h = Harness()
+    h.allocate()
+    allocation = next(iter(h.core.table))
+    # Two good peers and one forbidden: 403, and neither good peer is installed.
+    raw = _multi_peer_request(h, [PEER, ("1.1.1.1", 1), ("10.0.0.1", 1)])
+    assert raw.error_code == 403
+    assert allocation.permissions == {}
+    ok = _multi_peer_request(h, [PEER, ("1.1.1.1", 1)])
+    assert ok.message_class == Class.RESPONSE
+    assert set(allocation.permissions) == {"8.8.8.8", "1.1.1.1"}
+    assert _multi_peer_request(h, [("2001:4860::1", 1)]).error_code == 443
+    assert h.request(Method.CREATE_PERMISSION).error_code == 400
+    h.core.expire(NOW + PERMISSION_LIFETIME)
+    assert allocation.permissions == {}
+
+
+def _multi_peer_request(h: Harness, peers: list[Address]) -> Message:
+    """CreatePermission with several XOR-PEER-ADDRESS (aioice's dict holds only one)."""
+    message = Message(Method.CREATE_PERMISSION, Class.REQUEST)
+    body = b"".join(
+        struct.pack("!HH", 0x0012, 20 if ":" in p[0] else 8)
+        + aiostun.pack_xor_address(p, message.transaction_id)
+        for p in peers
+    )
+    message.attributes.update(
+        {"USERNAME": "alice", "REALM": "r", "NONCE": h.core.nonces.issue(h.client.remote[0], h.now)}
+    )
+    head = bytes(message)
+    raw = head[:2] + (len(head) - 20 + len(body)).to_bytes(2) + head[4:20] + body + head[20:]
+    # Sign by hand: MESSAGE-INTEGRITY over everything before it (RFC 8489 §14.5).
+    key = long_term_key("alice", "r", "pw")
+    mi = aiostun.message_integrity(raw, key)
+    full = raw + struct.pack("!HH", 0x0008, 20) + mi
+    full = full[:2] + (len(full) - 20).to_bytes(2) + full[4:]
+    answer = h.core.handle(full, h.client, h.now)
+    assert answer is not None
+    return aiostun.parse_message(answer)
+
+
+def test_policy_refuses_private_and_loopback_peers_unless_allowed() -> None:
+    h = Harness()
+    h.allocate()
+    for peer in (("127.0.0.1", 9), ("192.168.1.1", 9), ("169.254.169.254", 80)):
+        assert h.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": peer}).error_code == 403
+        bind = {"CHANNEL-NUMBER": 0x4000, "XOR-PEER-ADDRESS": peer}
+        assert h.request(Method.CHANNEL_BIND, bind).error_code == 403
+    lan = Harness(allow_peers=(ipaddress.ip_network("192.168.0.0/16"),))
+    lan.allocate()
+    ok = lan.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": ("192.168.1.1", 9)})
+    assert ok.message_class == Class.RESPONSE
+
+
+def test_channel_bind_rules() -> None:
+    h = Harness()
+    h.allocate()
+    allocation = next(iter(h.core.table))
+
+    def bind(number: int, peer: Address) -> Message:
+        return h.request(Method.CHANNEL_BIND, {"CHANNEL-NUMBER": number, "XOR-PEER-ADDRESS": peer})
+
+    assert bind(0x3FFF, PEER).error_code == 400
+    assert bind(0x5000, PEER).error_code == 400
+    assert h.request(Method.CHANNEL_BIND, {"CHANNEL-NUMBER": 0x4000}).error_code == 400
+    assert bind(0x4000, PEER).message_class == Class.RESPONSE
+    assert "8.8.8.8" in allocation.permissions  # ChannelBind installs the permission
+    assert bind(0x4000, PEER).message_class == Class.RESPONSE  # refresh: same pair
+    assert bind(0x4000, ("8.8.4.4", 1)).error_code == 400  # channel taken by another peer
+    assert bind(0x4001, PEER).error_code == 400  # peer bound to another channel
+    assert bind(0x4001, ("8.8.8.8", 4001)).message_class == Class.RESPONSE  # other port is fine
+    h.request(Method.REFRESH, {"LIFETIME": 3600})  # keep the allocation past its channels
+    h.core.expire(NOW + CHANNEL_LIFETIME)
+    assert allocation.channels == {} and allocation.peer_channels == {}
+    h.now = NOW + CHANNEL_LIFETIME  # nonces follow the clock
+    assert bind(0x4000, ("8.8.4.4", 1)).message_class == Class.RESPONSE  # free again
+
+
+def test_data_path_needs_a_permission_both_ways() -> None:
+    h = Harness()
+    h.allocate()
+    allocation = next(iter(h.core.table))
+    relay = h.relays.opened[0]
+    assert relay.on_datagram is not None
+    relay.on_datagram(b"unasked", PEER)  # no permission: dropped
+    assert h.to_client == []
+    h.request(Method.CHANNEL_BIND, {"CHANNEL-NUMBER": 0x4001, "XOR-PEER-ADDRESS": PEER})
+    h.to_client.clear()
+    relay.on_datagram(b"hello", PEER)
+    assert h.to_client == [channel_data(0x4001, b"hello", pad=False)]
+    relay.on_datagram(b"other port", ("8.8.8.8", 4001))  # same IP, no channel: Data indication
+    indication = aiostun.parse_message(h.to_client[-1])
+    assert indication.message_method == Method.DATA
+    assert indication.attributes["XOR-PEER-ADDRESS"] == ("8.8.8.8", 4001)
+    assert indication.attributes["DATA"] == b"other port"
+
+    allocation.from_client_channel(channel_data(0x4001, b"out", pad=False))
+    allocation.from_client_channel(channel_data(0x4002, b"unbound", pad=False))
+    allocation.from_client_channel(b"\x40\x01\x00\x10abc")  # length lies: dropped
+    assert relay.sent == [(b"out", PEER)]
+
+
+def test_send_indication_relays_only_with_permission() -> None:
+    h = Harness()
+    h.allocate()
+    relay = h.relays.opened[0]
+
+    def send(peer: Address, data: bytes) -> None:
+        m = Message(Method.SEND, Class.INDICATION, None, {"XOR-PEER-ADDRESS": peer, "DATA": data})
+        assert parse_send(bytes(m)) == (peer, data)
+        assert h.core.handle(bytes(m), h.client, h.now) is None  # indications get no answer
+
+    send(PEER, b"no permission yet")
+    h.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": PEER})
+    send(PEER, b"now")
+    send(("8.8.8.8", 9999), b"any port of a permitted IP")
+    assert relay.sent == [(b"now", PEER), (b"any port of a permitted IP", ("8.8.8.8", 9999))]
+
+
+def test_unauthenticated_requests_create_no_state() -> None:
+    h = Harness()
+    unsigned = Message(Method.ALLOCATE, Class.REQUEST, None, {"REQUESTED-TRANSPORT": 0x11000000})
+    answer = aiostun.parse_message(h.core.handle(bytes(unsigned), h.client, NOW) or b"")
+    assert answer.error_code == 401
+    assert answer.attributes["REALM"] == "r" and answer.attributes["NONCE"]
+    wrong = h.request(Method.ALLOCATE, {"REQUESTED-TRANSPORT": 0x11000000}, password="nope")
+    assert wrong.error_code == 401
+    assert h.relays.opened == [] and len(h.core.table) == 0 and len(h.core.responses) == 0

@@ -1,0 +1,236 @@
+"""STUN decoding and validation, without sockets: RFC 5769 vectors and every rejection rule."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aioice import stun as aiostun
+from aioice.stun import Class, Message, Method
+
+from p2pserver.turn import stun
+from p2pserver.turn.auth import long_term_key
+
+# A copy of ../shared/rfc5769-vectors.json, so the suite runs wherever the repository is cloned.
+VECTORS: dict[str, Any] = json.loads(
+    (Path(__file__).parents[1] / "data" / "rfc5769-vectors.json").read_text()
+)
+TXID = bytes(range(12))
+
+
+def vector(name: str) -> bytes:
+    return bytes.fromhex(VECTORS[name]["hex"])
+
+
+def build(method: int = Method.BINDING, cls: int = Class.REQUEST, attrs: bytes = b"") -> bytes:
+    return struct.pack("!HHI12s", method | cls, len(attrs), stun.COOKIE, TXID) + attrs
+
+
+def attr(atype: int, value: bytes) -> bytes:
+    return struct.pack("!HH", atype, len(value)) + value + bytes(-len(value) & 3)
+
+
+# --- RFC 5769 ---------------------------------------------------------------------------------
+
+
+def test_rfc5769_short_term_request_decodes_and_verifies() -> None:
+    v = VECTORS["short_term_request"]
+    request = stun.decode(vector("short_term_request"))
+    assert request.method == Method.BINDING and request.cls == Class.REQUEST
+    assert request.attributes["USERNAME"] == v["username"]
+    assert request.attributes["SOFTWARE"] == v["software"]
+    assert "FINGERPRINT" in request.attributes  # decode() verified the CRC
+    assert request.check_integrity(v["password"].encode())  # short-term key: the password
+    assert not request.check_integrity(b"wrong")
+
+
+@pytest.mark.parametrize("name", ["ipv4_response", "ipv6_response"])
+def test_rfc5769_responses_verify_and_are_not_for_a_server(name: str) -> None:
+    v = VECTORS[name]
+    raw = vector(name)
+    assert stun.header(raw) is not None
+    message = aiostun.parse_message(raw)
+    assert message.attributes["XOR-MAPPED-ADDRESS"] == tuple(v["xor_mapped_address"])
+    assert message.check_message_integrity(v["password"].encode())
+    with pytest.raises(stun.Malformed):
+        stun.decode(raw)  # a server drops responses
+
+
+def test_rfc5769_long_term_request_verifies_with_md5_key() -> None:
+    v = VECTORS["long_term_request"]
+    request = stun.decode(vector("long_term_request"))
+    assert request.attributes["USERNAME"] == v["username"]
+    assert request.attributes["REALM"] == v["realm"]
+    assert request.attributes["NONCE"] == v["nonce"].encode()
+    key = long_term_key(v["username"], v["realm"], v["password"])
+    assert request.check_integrity(key)
+    assert not request.check_integrity(long_term_key(v["username"], v["realm"], "thematrix"))
+
+
+def test_rfc5769_sha256_vector_decodes_and_verifies() -> None:
+    """USERHASH + PASSWORD-ALGORITHM + MESSAGE-INTEGRITY-SHA256 (RFC 8489 §9.2.2, errata 6268)."""
+    v = VECTORS["long_term_request_sha256"]
+    raw = vector("long_term_request_sha256")
+    request = stun.decode(raw)  # the SHA-256 attributes are known: no 420
+    userhash = hashlib.sha256(f"{v['username']}:{v['realm']}".encode()).digest()
+    assert request.attributes["USERHASH"] == userhash
+    # MESSAGE-INTEGRITY-SHA256 covers the message up to it, length adjusted to end after it.
+    pos = raw.index(struct.pack("!HH", 0x001C, 32))
+    covered = raw[:2] + struct.pack("!H", pos + 36 - 20) + raw[4:pos]
+    key = hashlib.sha256(f"{v['username']}:{v['realm']}:{v['password']}".encode()).digest()
+    assert hmac.new(key, covered, hashlib.sha256).digest() == raw[pos + 4 : pos + 36]
+
+
+# --- what gets dropped ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x00\x01\x00",
+        build()[:19],
+        b"\x80" + build()[1:],  # top bits set
+        build()[:4] + b"\x00\x00\x00\x00" + build()[8:],  # no magic cookie (RFC 3489 style)
+        build(attrs=attr(0x8022, b"abcd"))[:-1],  # length field lies
+        struct.pack("!HHI12s", 1, 2, stun.COOKIE, TXID) + b"\x00\x00",  # length not a multiple of 4
+        build(attrs=struct.pack("!HH", 0x8022, 40) + b"abcd"),  # attribute runs past the end
+        build(attrs=b"\x80\x22"),  # truncated attribute header
+        build(Method.BINDING, Class.RESPONSE),
+        build(Method.BINDING, Class.ERROR),
+        build(0x00B, Class.INDICATION),  # unknown indication
+        build(Method.SEND, Class.INDICATION, attr(0x7777, b"x")),  # indication, unknown attr
+    ],
+)
+def test_garbage_is_dropped(raw: bytes) -> None:
+    with pytest.raises(stun.Malformed):
+        stun.decode(raw)
+
+
+def _with_fingerprint(message: Message) -> bytes:
+    message.add_fingerprint()
+    return bytes(message)
+
+
+def test_fingerprint_is_checked_and_must_be_last() -> None:
+    good = _with_fingerprint(Message(Method.BINDING, Class.REQUEST, TXID))
+    assert stun.decode(good).attributes["FINGERPRINT"]
+    bad = good[:-1] + bytes([good[-1] ^ 1])
+    with pytest.raises(stun.Malformed, match="FINGERPRINT"):
+        stun.decode(bad)
+    trailing = attr(0x8022, b"late")
+    after = good[:2] + struct.pack("!H", len(good) - 20 + len(trailing)) + good[4:] + trailing
+    with pytest.raises(stun.Malformed):
+        stun.decode(after)
+
+
+# --- what gets an error answer ----------------------------------------------------------------
+
+
+def test_unknown_comprehension_required_attribute_is_420_with_the_list() -> None:
+    raw = build(attrs=attr(0x7F01, b"x") + attr(0x8022, b"ok") + attr(0x0031, b""))
+    with pytest.raises(stun.BadRequest) as info:
+        stun.decode(raw)
+    assert info.value.code == 420
+    assert info.value.unknown == [0x7F01, 0x0031]
+
+
+def test_unknown_comprehension_optional_attribute_is_ignored() -> None:
+    request = stun.decode(build(attrs=attr(0xC0FE, b"whatever")))
+    assert request.method == Method.BINDING
+
+
+def test_unknown_method_request_is_400() -> None:
+    with pytest.raises(stun.BadRequest) as info:
+        stun.decode(build(0x00B))
+    assert info.value.code == 400
+
+
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        attr(0x0008, b"\x00" * 19),  # MESSAGE-INTEGRITY of the wrong size
+        attr(0x000D, b"\x00\x00\x02"),  # LIFETIME of 3 bytes
+        attr(0x0019, b"\x11\x00\x00\x00\x00"),  # REQUESTED-TRANSPORT of 5 bytes
+        attr(0x0012, b"\x00\x03\x00\x01\x01\x02\x03\x04"),  # XOR-PEER-ADDRESS, family 3
+        attr(0x0012, b"\x00\x01\x00"),  # XOR-PEER-ADDRESS too short
+        attr(0x0018, b"\x80\x00"),  # EVEN-PORT of 2 bytes
+        attr(0x0006, b"\xff\xfe"),  # USERNAME that is not UTF-8
+        attr(0x0006, b"u" * 600),  # USERNAME over 513 bytes
+    ],
+)
+def test_malformed_attribute_in_a_request_is_400(attrs: bytes) -> None:
+    with pytest.raises(stun.BadRequest) as info:
+        stun.decode(build(Method.ALLOCATE, attrs=attrs))
+    assert info.value.code == 400
+
+
+def test_attributes_after_message_integrity_are_ignored() -> None:
+    message = Message(Method.ALLOCATE, Class.REQUEST, TXID, {"USERNAME": "u"})
+    message.add_message_integrity(b"k")
+    del message.attributes["FINGERPRINT"]
+    raw = bytes(message) + attr(0x000D, struct.pack("!I", 99))
+    raw = raw[:2] + struct.pack("!H", len(raw) - 20) + raw[4:]
+    request = stun.decode(raw)
+    assert "LIFETIME" not in request.attributes
+    assert request.check_integrity(b"k")
+
+
+def test_first_of_a_repeated_attribute_wins_but_every_peer_is_kept() -> None:
+    m = Message(Method.CREATE_PERMISSION, Class.REQUEST, TXID)
+    peers = [("192.0.2.1", 1), ("198.51.100.2", 2), ("2001:db8::3", 3)]
+    body = (
+        b"".join(attr(0x0012, aiostun.pack_xor_address(p, TXID)) for p in peers)
+        + attr(0x000D, struct.pack("!I", 1))
+        + attr(0x000D, struct.pack("!I", 2))
+    )
+    raw = build(m.message_method, m.message_class, body)
+    request = stun.decode(raw)
+    assert request.peers == peers
+    assert request.attributes["LIFETIME"] == 1
+    assert request.attributes["XOR-PEER-ADDRESS"] == peers[0]
+
+
+def test_turn_attributes_are_registered_and_round_trip() -> None:
+    m = Message(Method.ALLOCATE, Class.REQUEST, TXID)
+    m.attributes.update(
+        {
+            "EVEN-PORT": True,
+            "REQUESTED-ADDRESS-FAMILY": 1,
+            "DONT-FRAGMENT": None,
+            "RESERVATION-TOKEN": b"12345678",
+            "REQUESTED-TRANSPORT": 0x11000000,
+        }
+    )
+    request = stun.decode(bytes(m))
+    assert request.attributes["EVEN-PORT"] is True
+    assert request.attributes["REQUESTED-ADDRESS-FAMILY"] == 1
+    assert "DONT-FRAGMENT" in request.attributes
+    assert request.attributes["RESERVATION-TOKEN"] == b"12345678"
+
+
+# --- responses ----------------------------------------------------------------------------------
+
+
+def test_responses_carry_software_integrity_and_fingerprint_as_asked() -> None:
+    responder = stun.Responder("p2pserver-test")
+    plain = stun.decode(bytes(Message(Method.BINDING, Class.REQUEST, TXID)))
+    raw = responder.success(plain, {"XOR-MAPPED-ADDRESS": ("192.0.2.9", 4242)})
+    answer = aiostun.parse_message(raw)
+    assert answer.message_class == Class.RESPONSE and answer.transaction_id == TXID
+    assert answer.attributes["SOFTWARE"] == "p2pserver-test"
+    assert "FINGERPRINT" not in answer.attributes and "MESSAGE-INTEGRITY" not in answer.attributes
+
+    fingerprinted = stun.decode(_with_fingerprint(Message(Method.BINDING, Class.REQUEST, TXID)))
+    answer = aiostun.parse_message(responder.success(fingerprinted, {}, key=b"key"))
+    assert "FINGERPRINT" in answer.attributes  # parse_message checked it
+    assert answer.check_message_integrity(b"key")
+
+    error = aiostun.parse_message(responder.error(plain, 403, key=b"key"))
+    assert error.error_code == 403 and error.attributes["ERROR-CODE"][1] == "Forbidden"
+    assert error.check_message_integrity(b"key")
