@@ -32,6 +32,7 @@ class _Tcp(asyncio.Protocol):
     def __init__(self) -> None:
         self.queue: asyncio.Queue[bytes] = asyncio.Queue()
         self.framer = StreamFramer()
+        self.framer.channels_allowed = True
         self.closed = asyncio.Event()
 
     def data_received(self, data: bytes) -> None:

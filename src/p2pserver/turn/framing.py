@@ -20,6 +20,8 @@ class FramingError(ValueError):
 class StreamFramer:
     def __init__(self) -> None:
         self._buffer = bytearray()
+        # ChannelData before an allocation exists is garbage; "GET /" looks like channel 0x4745.
+        self.channels_allowed = False
 
     def __len__(self) -> int:
         return len(self._buffer)
@@ -35,6 +37,8 @@ class StreamFramer:
             first = buf[pos]
             length = _U16.unpack_from(buf, pos + 2)[0]
             if 0x40 <= first <= 0x4F:
+                if not self.channels_allowed:
+                    raise FramingError("ChannelData before any allocation")
                 size = 4 + length + (-length & 3)
             elif first & 0xC0 == 0:
                 if end - pos < 8:

@@ -105,13 +105,12 @@ class PeerPolicy:
             ip = canonical(address)
         except ValueError:
             return False
-        if ip in self.own and not ip.is_loopback:
-            return self.relay_ports[0] <= port <= self.relay_ports[1]
-        if port == 0:
-            return False
-        if port in self.listen_ports and (ip.is_loopback or self._allowed(ip)):
+        own = ip in self.own and not ip.is_loopback
+        if port in self.listen_ports and (own or ip.is_loopback or self._allowed(ip)):
             return False  # never relay into this server's own listeners (a loop)
-        return self._open(ip)
+        if own:
+            return self.relay_ports[0] <= port <= self.relay_ports[1]
+        return port != 0 and self._open(ip)
 
     def _open(self, ip: IPAddress) -> bool:
         if any(ip in net for net in self.extra_deny if net.version == ip.version):

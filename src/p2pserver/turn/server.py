@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
 import socket
@@ -137,6 +138,7 @@ class StreamConnection(asyncio.Protocol):
             if reply is not None:
                 self.transport.write(reply)
             self.allocation = self.core.table.get(self.client.five_tuple)
+            self.framer.channels_allowed = self.allocation is not None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -187,38 +189,47 @@ class TurnServer:
             listen_ports={s.turn_port, s.tls_port},
         )
         self.core = TurnCore(s, self.relays, policy, self.secret, relayed_ip=self._relayed_ip)
-        try:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: UdpListener(self), local_addr=(s.turn_host, s.turn_port)
-            )
-            self._udp = transport
-            sock = transport.get_extra_info("socket")
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21)
-            port = transport.get_extra_info("sockname")[1]
-            self.addresses.append(("udp", s.turn_host, port))
-            tcp = await loop.create_server(
-                lambda: StreamConnection(self, "tcp"), s.turn_host, port, reuse_address=True
-            )
-            self._servers.append(tcp)
-            self.addresses.append(("tcp", s.turn_host, port))
-            if s.tls_cert and s.tls_key:
-                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                context.load_cert_chain(s.tls_cert, s.tls_key)
-                tls = await loop.create_server(
-                    lambda: StreamConnection(self, "tls"), s.turn_host, s.tls_port, ssl=context
-                )
-                self._servers.append(tls)
-                self.addresses.append(("tls", s.turn_host, tls.sockets[0].getsockname()[1]))
-        except OSError:
-            await self.stop()
-            raise
+        # Port 0 (tests) picks a free UDP port, which TCP may find taken: then try another.
+        for attempt in range(1 if s.turn_port else 20):
+            try:
+                await self._listen(loop)
+                break
+            except OSError as exc:
+                await self.stop()
+                if s.turn_port or exc.errno != errno.EADDRINUSE or attempt == 19:
+                    raise
         policy.listen_ports = frozenset(port for _, _, port in self.addresses)
         self._sweeper = asyncio.create_task(self._sweep())
         for transport_name, host, port in self.addresses:
             log.info("STUN/TURN listening on %s %s:%d", transport_name, host, port)
         low, high = s.relay_ports
         log.info("relays on %s ports %d-%d, realm %r", s.turn_relay_ip, low, high, s.realm)
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        s = self.settings
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: UdpListener(self), local_addr=(s.turn_host, s.turn_port)
+        )
+        self._udp = transport
+        with contextlib.suppress(OSError):
+            transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 21
+            )
+        port = transport.get_extra_info("sockname")[1]
+        self.addresses.append(("udp", s.turn_host, port))
+        tcp = await loop.create_server(
+            lambda: StreamConnection(self, "tcp"), s.turn_host, port, reuse_address=True
+        )
+        self._servers.append(tcp)
+        self.addresses.append(("tcp", s.turn_host, port))
+        if s.tls_cert and s.tls_key:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(s.tls_cert, s.tls_key)
+            tls = await loop.create_server(
+                lambda: StreamConnection(self, "tls"), s.turn_host, s.tls_port, ssl=context
+            )
+            self._servers.append(tls)
+            self.addresses.append(("tls", s.turn_host, tls.sockets[0].getsockname()[1]))
 
     async def _sweep(self) -> None:
         while True:
@@ -247,12 +258,12 @@ class TurnServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 2)
         self._servers.clear()
+        self.addresses.clear()
         if self._udp is not None:
             self._udp.close()
             self._udp = None
-        if hasattr(self, "core"):
-            self.core.table.close()
-            self.relays.close()
+        self.core.table.close()
+        self.relays.close()
 
     @property
     def port(self) -> int:

@@ -1,0 +1,276 @@
+"""The STUN/TURN server through real sockets on 127.0.0.1, request by request."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+
+import pytest
+from aioice import stun as aiostun
+from aioice.stun import Class, Message, Method
+from conftest import PASSWORD, USER, ServerFactory
+from stunclient import StunClient
+
+from p2pserver.turn.server import TurnServer
+
+TRANSPORTS = ["udp", "tcp"]
+
+
+class Peer(asyncio.DatagramProtocol):
+    """A plain UDP peer on 127.0.0.1 that records what reaches it."""
+
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received.put_nowait((data, addr))
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self.transport is not None
+        return self.transport.get_extra_info("sockname")[:2]
+
+
+@pytest.fixture
+async def peer() -> Peer:
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+    yield protocol
+    assert protocol.transport is not None
+    protocol.transport.close()
+
+
+async def connect(server: TurnServer, transport: str) -> StunClient:
+    return await StunClient.connect(("127.0.0.1", server.port), transport)
+
+
+async def allocated(server: TurnServer, transport: str) -> tuple[StunClient, tuple[str, int]]:
+    client = await connect(server, transport)
+    await client.login(USER, PASSWORD)
+    answer = await client.allocate()
+    assert answer.message_class == Class.RESPONSE, answer
+    return client, answer.attributes["XOR-RELAYED-ADDRESS"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("fingerprint", [False, True])
+async def test_binding(server: TurnServer, transport: str, fingerprint: bool) -> None:
+    client = await connect(server, transport)
+    answer = await client.request(Method.BINDING, sign=False, fingerprint=fingerprint)
+    assert answer.message_class == Class.RESPONSE
+    assert answer.attributes["XOR-MAPPED-ADDRESS"] == client.local
+    assert answer.attributes["SOFTWARE"] == "p2pserver"
+    assert ("FINGERPRINT" in answer.attributes) == fingerprint
+    client.close()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_allocate_challenge_then_success(server: TurnServer, transport: str) -> None:
+    client = await connect(server, transport)
+    challenge = await client.login(USER, PASSWORD)
+    assert challenge.attributes["REALM"] == "test.realm"
+    assert challenge.attributes["NONCE"]
+    answer = await client.allocate(lifetime=1200)
+    assert answer.message_class == Class.RESPONSE
+    relayed = answer.attributes["XOR-RELAYED-ADDRESS"]
+    assert relayed[0] == "127.0.0.1" and 49152 <= relayed[1] <= 65535
+    assert answer.attributes["XOR-MAPPED-ADDRESS"] == client.local
+    assert answer.attributes["LIFETIME"] == 1200
+    assert answer.check_message_integrity(client.key or b"")
+    assert server.stats()["allocations"] == 1
+
+    refreshed = await client.request(Method.REFRESH, {"LIFETIME": 700})
+    assert refreshed.attributes["LIFETIME"] == 700 and refreshed.check_message_integrity(client.key)
+    deleted = await client.request(Method.REFRESH, {"LIFETIME": 0})
+    assert deleted.attributes["LIFETIME"] == 0
+    assert server.stats()["allocations"] == 0
+    client.close()
+
+
+async def test_wrong_password_is_401_and_creates_nothing(server: TurnServer) -> None:
+    client = await connect(server, "udp")
+    await client.login(USER, "not the password")
+    answer = await client.allocate()
+    assert answer.error_code == 401
+    assert "NONCE" in answer.attributes and "MESSAGE-INTEGRITY" not in answer.attributes
+    assert server.stats()["allocations"] == 0
+
+
+async def test_stale_nonce_is_438_with_a_fresh_one(server: TurnServer) -> None:
+    client = await connect(server, "udp")
+    await client.login(USER, PASSWORD)
+    client.nonce = server.core.nonces.issue("127.0.0.1", time.time() - 3600)
+    answer = await client.allocate()
+    assert answer.error_code == 438
+    fresh = answer.attributes["NONCE"]
+    assert fresh != client.nonce and answer.attributes["REALM"] == "test.realm"
+    client.nonce = fresh
+    assert (await client.allocate()).message_class == Class.RESPONSE
+
+
+async def test_rest_api_credentials(server: TurnServer) -> None:
+    from conftest import SECRET
+
+    from p2pserver import credentials
+
+    username, password = credentials.issue(SECRET, "peer-42", 60, time.time())
+    client = await connect(server, "udp")
+    await client.login(username, password)
+    assert (await client.allocate()).message_class == Class.RESPONSE
+    old, old_password = credentials.issue(SECRET, "peer-43", -10, time.time())
+    late = await connect(server, "udp")
+    await late.login(old, old_password)
+    assert (await late.allocate()).error_code == 401
+
+
+async def test_unknown_comprehension_required_attribute_is_420(server: TurnServer) -> None:
+    client = await connect(server, "udp")
+    message = Message(Method.BINDING, Class.REQUEST)
+    raw = bytes(message) + struct.pack("!HH", 0x7ABC, 4) + b"abcd"
+    raw = raw[:2] + struct.pack("!H", len(raw) - 20) + raw[4:]
+    answer = await client.transact_raw(raw, message.transaction_id)
+    assert answer.error_code == 420
+    assert answer.attributes["UNKNOWN-ATTRIBUTES"] == [0x7ABC]
+
+
+async def test_garbage_gets_no_answer_and_service_goes_on(server: TurnServer) -> None:
+    client = await connect(server, "udp")
+    for junk in (b"\xff" * 40, b"\x00\x01\x00\x00" + b"\x00" * 16, b"\x40\x00\xff\xff"):
+        client.send_raw(junk)
+    answer = await client.request(Method.BINDING, sign=False)
+    assert answer.message_class == Class.RESPONSE
+    assert await client.nothing_within(0.3)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(32),
+        b"\x00\x01\x00\x00" + bytes(16),
+    ],
+)
+async def test_tcp_garbage_closes_only_that_connection(server: TurnServer, garbage: bytes) -> None:
+    good, _ = await allocated(server, "tcp")
+    bad = await connect(server, "tcp")
+    bad.send_raw(garbage)
+    await asyncio.wait_for(bad.protocol.closed.wait(), 5)  # type: ignore[union-attr]
+    answer = await good.request(Method.BINDING, sign=False)
+    assert answer.message_class == Class.RESPONSE
+    assert server.stats()["allocations"] == 1
+
+
+async def test_tcp_close_deletes_the_allocation(server: TurnServer) -> None:
+    client, _ = await allocated(server, "tcp")
+    assert server.stats()["allocations"] == 1
+    client.close()
+    for _ in range(100):
+        if server.stats()["allocations"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert server.stats()["allocations"] == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_send_and_data_indications(
+    open_server: TurnServer, peer: Peer, transport: str
+) -> None:
+    client, relayed = await allocated(open_server, transport)
+    send = Message(
+        Method.SEND, Class.INDICATION, None, {"XOR-PEER-ADDRESS": peer.address, "DATA": b"early"}
+    )
+    client.send_raw(bytes(send))  # no permission yet: dropped
+    answer = await client.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": peer.address})
+    assert answer.message_class == Class.RESPONSE
+    send = Message(
+        Method.SEND, Class.INDICATION, None, {"XOR-PEER-ADDRESS": peer.address, "DATA": b"hello"}
+    )
+    client.send_raw(bytes(send))
+    data, source = await asyncio.wait_for(peer.received.get(), 5)
+    assert (data, source) == (b"hello", relayed)  # "early" never arrived
+    assert peer.transport is not None
+    peer.transport.sendto(b"back", relayed)
+    indication = aiostun.parse_message(await client.receive())
+    assert indication.message_method == Method.DATA
+    assert indication.attributes["DATA"] == b"back"
+    assert indication.attributes["XOR-PEER-ADDRESS"] == peer.address
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+async def test_channel_data_both_ways(open_server: TurnServer, peer: Peer, transport: str) -> None:
+    client, relayed = await allocated(open_server, transport)
+    bind = {"CHANNEL-NUMBER": 0x4321, "XOR-PEER-ADDRESS": peer.address}
+    assert (await client.request(Method.CHANNEL_BIND, bind)).message_class == Class.RESPONSE
+    for size in (1, 3, 100, 1201):
+        payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+        client.send_channel_data(0x4321, payload)
+        assert await asyncio.wait_for(peer.received.get(), 5) == (payload, relayed)
+        assert peer.transport is not None
+        peer.transport.sendto(payload[::-1], relayed)
+        raw = await client.receive()
+        number, length = struct.unpack("!HH", raw[:4])
+        assert number == 0x4321 and raw[4 : 4 + length] == payload[::-1]
+        if transport == "tcp":
+            assert len(raw) % 4 == 0  # padded on streams (RFC 8656 §12.5)
+
+
+async def test_peer_without_permission_is_not_relayed(open_server: TurnServer, peer: Peer) -> None:
+    client, relayed = await allocated(open_server, "udp")
+    assert peer.transport is not None
+    peer.transport.sendto(b"unsolicited", relayed)
+    client.send_channel_data(0x4000, b"unbound channel")
+    assert await client.nothing_within(0.5)
+    assert peer.received.empty()
+
+
+async def test_loopback_and_private_peers_get_403(server: TurnServer, peer: Peer) -> None:
+    client, _ = await allocated(server, "udp")
+    for address in (peer.address, ("10.0.0.1", 80), ("::ffff:127.0.0.1", 80)):
+        if ":" in address[0]:
+            continue  # IPv6 on an IPv4 relay is 443, tested below
+        answer = await client.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": address})
+        assert answer.error_code == 403, address
+        bind = {"CHANNEL-NUMBER": 0x4000, "XOR-PEER-ADDRESS": address}
+        assert (await client.request(Method.CHANNEL_BIND, bind)).error_code == 403
+    mapped = await client.request(
+        Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": ("::ffff:127.0.0.1", 80)}
+    )
+    assert mapped.error_code in (403, 443)
+
+
+async def test_another_allocations_relayed_address_is_reachable(
+    make_server: ServerFactory,
+) -> None:
+    # The relayed address shown is a documentation address (nothing is sent to it): it is the
+    # server's own, so a permission for it succeeds although the range is denied otherwise.
+    server = await make_server(external_ip="198.51.100.7")
+    _, relayed_a = await allocated(server, "udp")
+    b, _ = await allocated(server, "tcp")
+    assert relayed_a[0] == "198.51.100.7"
+    own = await b.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": relayed_a})
+    assert own.message_class == Class.RESPONSE
+    bind = {"CHANNEL-NUMBER": 0x4000, "XOR-PEER-ADDRESS": relayed_a}
+    assert (await b.request(Method.CHANNEL_BIND, bind)).message_class == Class.RESPONSE
+    listener = {"CHANNEL-NUMBER": 0x4001, "XOR-PEER-ADDRESS": ("198.51.100.7", server.port)}
+    assert (await b.request(Method.CHANNEL_BIND, listener)).error_code == 403
+    other = await b.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": ("198.51.100.8", 1)})
+    assert other.error_code == 403
+
+
+async def test_retransmitted_request_gets_the_same_answer(server: TurnServer) -> None:
+    client = await connect(server, "udp")
+    await client.login(USER, PASSWORD)
+    request = Message(Method.ALLOCATE, Class.REQUEST, None, {"REQUESTED-TRANSPORT": 0x11000000})
+    request.attributes.update({"USERNAME": USER, "REALM": client.realm, "NONCE": client.nonce})
+    request.add_message_integrity(client.key or b"")
+    first = await client.transact_raw(bytes(request), request.transaction_id)
+    again = await client.transact_raw(bytes(request), request.transaction_id)
+    assert first.message_class == again.message_class == Class.RESPONSE
+    assert first.raw == again.raw  # type: ignore[attr-defined]
+    fresh = await client.allocate()
+    assert fresh.error_code == 437  # a new transaction on the same 5-tuple
