@@ -1,0 +1,116 @@
+"""The `p2pserver` command: flags, P2P_* variables, start-up and clean shutdown."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from p2pserver.cli import parse_settings
+
+
+def test_defaults() -> None:
+    s = parse_settings([], environ={})
+    assert (s.http, s.http_port, s.turn, s.turn_port, s.turn_host) == (
+        True,
+        3000,
+        True,
+        3478,
+        "0.0.0.0",
+    )
+    assert s.relay_ports == (49152, 65535) and s.users == () and s.secret is None
+    assert s.db == "p2pserver.db"
+
+
+def test_flags() -> None:
+    s = parse_settings(
+        [
+            "--no-http",
+            "--turn-port", "3479",
+            "--relay-ip", "192.0.2.5",
+            "--external-ip", "203.0.113.9",
+            "--relay-ports", "50000-50100",
+            "--realm", "chat.example",
+            "--user", "a:b", "--user", "c:d:e",
+            "--secret", "xyz",
+            "--allow-peer", "192.168.0.0/16",
+            "--deny-peer", "8.8.8.0/24",
+            "--log-level", "debug",
+        ],
+        environ={},
+    )  # fmt: skip
+    assert not s.http and s.turn_port == 3479
+    assert s.relay_ip == "192.0.2.5" and s.external_ip == "203.0.113.9"
+    assert s.relay_ports == (50000, 50100) and s.realm == "chat.example"
+    assert s.users == (("a", "b"), ("c", "d:e"))  # a password may contain ':'
+    assert s.secret == "xyz"
+    assert s.allow_peers == (ipaddress.ip_network("192.168.0.0/16"),)
+    assert s.deny_peers == (ipaddress.ip_network("8.8.8.0/24"),)
+    assert s.log_level == "debug"
+
+
+def test_environment_variables_and_flags_win_over_them() -> None:
+    env = {
+        "P2P_TURN_PORT": "4000",
+        "P2P_USER": "a:b, c:d",
+        "P2P_NO_HTTP": "true",
+        "P2P_ALLOW_PEER": "10.0.0.0/8",
+        "P2P_REALM": "env.realm",
+    }
+    s = parse_settings(["--realm", "flag.realm"], environ=env)
+    assert s.turn_port == 4000 and not s.http
+    assert s.users == (("a", "b"), ("c", "d"))
+    assert s.allow_peers == (ipaddress.ip_network("10.0.0.0/8"),)
+    assert s.realm == "flag.realm"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--relay-ports", "9-1"],
+        ["--relay-ports", "abc"],
+        ["--user", "nopassword"],
+        ["--allow-peer", "300.1.1.1/8"],
+        ["--external-ip", "host.example"],
+        ["--tls-cert", "cert.pem"],
+        ["--no-http", "--no-turn"],
+    ],
+)
+def test_bad_flags_exit_with_a_message(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_settings(argv, environ={})
+    assert info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_turn_only_process_starts_logs_and_stops_cleanly_on_sigterm() -> None:
+    args = [sys.executable, "-m", "p2pserver", "--no-http", "--turn-host", "127.0.0.1"]
+    args += ["--turn-port", "0", "--user", "a:b"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stderr is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "relays on" in line:
+                break
+        text = "".join(lines)
+        assert re.search(r"listening on udp 127\.0\.0\.1:\d+", text), text
+        assert re.search(r"listening on tcp 127\.0\.0\.1:\d+", text), text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
