@@ -254,11 +254,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    try:
-        import uvloop
-    except ImportError:
-        uvloop = None
-    runner = asyncio.run if uvloop is None else uvloop.run
+    main_task = serve_all(settings) if settings.http else serve_turn_only(settings)
     with contextlib.suppress(KeyboardInterrupt):
-        runner(serve_all(settings) if settings.http else serve_turn_only(settings))
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(main_task)
+        else:
+            uvloop.run(main_task)  # DESIGN.md: uvloop where installed
     return 0

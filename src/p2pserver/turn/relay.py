@@ -155,10 +155,12 @@ def _set_dont_fragment(sock: socket.socket) -> None:
     value = getattr(socket, "IP_PMTUDISC_DO", None)
     if option is None or value is None:
         return
+    level, option = (
+        (socket.IPPROTO_IP, option)
+        if sock.family == socket.AF_INET
+        else (socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU_DISCOVER", 23))  # Linux value
+    )
     try:
-        if sock.family == socket.AF_INET:
-            sock.setsockopt(socket.IPPROTO_IP, option, value)
-        else:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MTU_DISCOVER, value)
+        sock.setsockopt(level, option, value)
     except OSError:
         log.debug("could not set DF on a relay socket")
