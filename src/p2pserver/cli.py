@@ -205,7 +205,15 @@ def parse_settings(
         parser.error("--tls-cert and --tls-key go together")
     if not values["http"] and not values["turn"]:
         parser.error("--no-http and --no-turn together leave nothing to serve")
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.http:
+        from p2pserver.app import check_settings
+
+        try:
+            check_settings(settings)
+        except ValueError as exc:
+            parser.error(str(exc))
+    return settings
 
 
 async def serve_turn_only(settings: Settings) -> None:

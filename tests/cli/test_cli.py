@@ -114,3 +114,10 @@ def test_turn_only_process_starts_logs_and_stops_cleanly_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_inconsistent_http_limits_are_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse_settings(["--room-peers", "9", "--max-room-peers", "8"], environ={})
+    assert info.value.code == 2
+    assert "--room-peers" in capsys.readouterr().err

@@ -1,0 +1,237 @@
+"""The Starlette app: HTTP API, WebSocket signaling route, and the lifespan that runs it all."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from p2pserver.config import Settings
+from p2pserver.ice import url_host
+from p2pserver.ratelimit import SlidingWindow
+from p2pserver.rooms import RoomStore
+from p2pserver.signaling import Hub
+
+log = logging.getLogger("p2pserver.app")
+
+MAX_BODY = 4096  # a create-chat body is a few dozen bytes
+
+
+def check_settings(settings: Settings) -> None:
+    """Refuse settings the HTTP side cannot honour, before anything starts."""
+    problems = []
+    if not 2 <= settings.room_peers <= settings.max_room_peers:
+        problems.append("--room-peers must be between 2 and --max-room-peers")
+    for name in (
+        "rooms_per_minute",
+        "ws_max_message",
+        "ws_connections_per_ip",
+        "pin_attempts",
+        "ws_max_errors",
+        "ice_ttl",
+    ):
+        if getattr(settings, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1")
+    for name in ("room_ttl", "ws_messages_per_second", "ws_join_timeout", "pin_lockout"):
+        if getattr(settings, name) <= 0:
+            problems.append(f"--{name.replace('_', '-')} must be positive")
+    if settings.public_host is not None and url_host(settings.public_host) is None:
+        problems.append(f"--public-host {settings.public_host!r} is not a host name or IP")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _error(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    return JSONResponse({"error": code, "message": message}, status, headers=headers)
+
+
+class _BadRequest(Exception):
+    pass
+
+
+def _parse_create(body: bytes, settings: Settings) -> tuple[bool, int]:
+    """(withPin, maxPeers) from a create-chat body; an empty body means all defaults."""
+    data: Any = {}
+    if body.strip():
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            raise _BadRequest("body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise _BadRequest("body must be a JSON object")
+    with_pin = data.get("withPin", False)
+    if not isinstance(with_pin, bool):
+        raise _BadRequest('"withPin" must be true or false')
+    max_peers = data.get("maxPeers", settings.room_peers)
+    high = settings.max_room_peers
+    # bool is an int subclass: reject true/false explicitly.
+    if isinstance(max_peers, bool) or not isinstance(max_peers, int) or not 2 <= max_peers <= high:
+        raise _BadRequest(f'"maxPeers" must be an integer from 2 to {high}')
+    return with_pin, max_peers
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The body, or None if it is larger than MAX_BODY (read no further than that)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def create_chat(request: Request) -> Response:
+    settings: Settings = request.app.state.settings
+    limiter: SlidingWindow = request.app.state.create_limiter
+    body = await _read_body(request)
+    if body is None:
+        return _error(413, "too-large", f"body larger than {MAX_BODY} bytes")
+    try:
+        with_pin, max_peers = _parse_create(body, settings)
+    except _BadRequest as exc:
+        return _error(400, "bad-request", str(exc))
+    address, now = _client(request), time.monotonic()
+    if not limiter.allowed(address, now):
+        wait = max(1, round(limiter.retry_after(address, now) + 0.5))
+        return _error(
+            429, "rate-limited", "too many rooms created, slow down", {"Retry-After": str(wait)}
+        )
+    limiter.hit(address, now)
+    store: RoomStore = request.app.state.hub.store
+    room_id, pin = await store.create(with_pin=with_pin, max_peers=max_peers, now=time.time())
+    return JSONResponse({"roomId": room_id, "pin": pin})
+
+
+async def check_chat(request: Request) -> Response:
+    store: RoomStore = request.app.state.hub.store
+    room = await store.get(request.path_params["room_id"], time.time())
+    if room is None:
+        return _error(404, "not-found", "no such room")
+    return JSONResponse({"pin": room.has_pin})
+
+
+async def healthz(request: Request) -> Response:
+    hub: Hub = request.app.state.hub
+    db_ok = hub.store is not None and await hub.store.ping()
+    body: dict[str, Any] = {"db": "ok" if db_ok else "down", "signaling": hub.stats()}
+    turn = request.app.state.turn
+    turn_ok = True
+    if not request.app.state.settings.turn:
+        body["turn"] = {"enabled": False}
+    else:
+        try:
+            stats = turn.stats() if turn is not None else None
+        except Exception:  # a broken TURN server is reported, not raised
+            log.exception("TURN stats failed")
+            stats = None
+        turn_ok = stats is not None
+        body["turn"] = {"enabled": True, "running": turn_ok, "stats": stats or {}}
+    body["status"] = "ok" if db_ok and turn_ok else "down"
+    return JSONResponse(body, 200 if db_ok and turn_ok else 503)
+
+
+async def signaling(websocket: WebSocket) -> None:
+    await websocket.app.state.hub.serve(websocket)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not-found", 405: "method-not-allowed"}
+    return _error(
+        exc.status_code, codes.get(exc.status_code, "error"), str(exc.detail), exc.headers
+    )
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    return _error(500, "internal", "internal server error")
+
+
+async def sweep_forever(hub: Hub, store: RoomStore, interval: float) -> None:
+    """Keep rooms with connected peers fresh, delete idle ones, forget old rate-limit entries."""
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await store.touch(hub.active_rooms(), time.time())
+            deleted = await store.sweep(time.time())
+            hub.prune(asyncio.get_running_loop().time())
+            if deleted:
+                log.info("expired %d idle room(s)", deleted)
+        except Exception:  # keep sweeping; a transient DB error must not end expiry for good
+            log.exception("room sweep failed")
+
+
+def create_app(settings: Settings) -> Starlette:
+    check_settings(settings)
+    hub = Hub(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = await RoomStore.open(settings.db, settings.room_ttl)
+        try:
+            hub.store = store
+            hub.secret = settings.secret or await store.turn_secret()
+            if settings.turn:
+                from p2pserver.turn.server import TurnServer
+
+                turn = TurnServer(settings, secret=hub.secret)
+                await turn.start()
+                app.state.turn = turn
+            interval = min(60.0, max(1.0, settings.room_ttl / 10))
+            sweeper = asyncio.create_task(sweep_forever(hub, store, interval))
+            try:
+                yield
+            finally:
+                sweeper.cancel()
+                # Normally DrainingServer has done this already; here for other ASGI servers.
+                await hub.close_all()
+                if app.state.turn is not None:
+                    await app.state.turn.stop()
+                    app.state.turn = None
+        finally:
+            hub.store = None
+            await store.close()
+
+    app = Starlette(
+        routes=[
+            Route("/create-chat", create_chat, methods=["POST"]),
+            Route("/check-chat/{room_id}", check_chat, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            WebSocketRoute("/ws/{room_id}", signaling),
+        ],
+        middleware=[
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Content-Type"],
+                allow_credentials=False,
+            )
+        ],
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.hub = hub
+    app.state.turn = None
+    app.state.create_limiter = SlidingWindow(settings.rooms_per_minute, 60.0)
+    return app

@@ -1,0 +1,77 @@
+"""The signaling wire format: JSON text frames, error codes and WebSocket close codes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ErrorCode:
+    code: str
+    message: str
+    close: int | None = None  # WebSocket close code for fatal errors; None keeps the socket open
+
+
+# Fatal: answered, then the socket is closed with `close`.
+ROOM_NOT_FOUND = ErrorCode("room-not-found", "no such room (or it expired)", 4404)
+PIN_REQUIRED = ErrorCode("pin-required", "this room needs a PIN", 4401)
+WRONG_PIN = ErrorCode("wrong-pin", "wrong PIN", 4403)
+TOO_MANY_ATTEMPTS = ErrorCode("too-many-attempts", "too many wrong PINs, try again later", 4429)
+ROOM_FULL = ErrorCode("room-full", "the room is full", 4409)
+JOIN_TIMEOUT = ErrorCode("join-timeout", "no join message in time", 4408)
+TOO_MANY_CONNECTIONS = ErrorCode(
+    "too-many-connections", "too many connections from your address", 4430
+)
+TOO_MANY_ERRORS = ErrorCode("too-many-errors", "too many invalid or excess messages", 4400)
+TOO_SLOW = ErrorCode("too-slow", "messages for you piled up unread", 4420)
+
+# Non-fatal: answered, the message is dropped, the socket stays open.
+BAD_MESSAGE = ErrorCode("bad-message", "malformed message")
+UNKNOWN_PEER = ErrorCode("unknown-peer", "no such peer in this room")
+TOO_LARGE = ErrorCode("too-large", "message too large")
+RATE_LIMITED = ErrorCode("rate-limited", "too many messages, slow down")
+
+FATAL_ERRORS: tuple[ErrorCode, ...] = (
+    ROOM_NOT_FOUND,
+    PIN_REQUIRED,
+    WRONG_PIN,
+    TOO_MANY_ATTEMPTS,
+    ROOM_FULL,
+    JOIN_TIMEOUT,
+    TOO_MANY_CONNECTIONS,
+    TOO_MANY_ERRORS,
+    TOO_SLOW,
+)
+NON_FATAL_ERRORS: tuple[ErrorCode, ...] = (BAD_MESSAGE, UNKNOWN_PEER, TOO_LARGE, RATE_LIMITED)
+
+CLOSE_GOING_AWAY = 1001  # server shutting down
+CLOSE_INTERNAL_ERROR = 1011  # a fault on the server's side
+
+
+class BadMessage(ValueError):
+    """A frame that is not a JSON object with a string "type"."""
+
+
+def parse(text: str) -> dict[str, Any]:
+    try:
+        message = json.loads(text)
+    except ValueError:
+        raise BadMessage("not JSON") from None
+    except RecursionError:  # json.loads recurses once per nesting level
+        raise BadMessage("nested too deeply") from None
+    if not isinstance(message, dict):
+        raise BadMessage("not a JSON object")
+    if not isinstance(message.get("type"), str):
+        raise BadMessage('missing string "type"')
+    return message
+
+
+def encode(message: dict[str, Any]) -> str:
+    # ASCII output: a lone surrogate ("\\ud800" in the input) would not encode as UTF-8 otherwise.
+    return json.dumps(message, separators=(",", ":"))
+
+
+def error(code: ErrorCode, detail: str | None = None) -> dict[str, Any]:
+    return {"type": "error", "code": code.code, "message": detail or code.message}

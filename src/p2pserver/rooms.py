@@ -1,0 +1,174 @@
+"""RoomStore: rooms and server metadata in SQLite (aiosqlite, WAL), with a versioned schema."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import aiosqlite
+
+from p2pserver import pins
+
+# token_urlsafe(16): 128 random bits in 22 URL-safe characters.
+ROOM_ID_BYTES = 16
+_ROOM_ID_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def is_room_id(text: str) -> bool:
+    """Cheap shape check so garbage ids never reach the database."""
+    return _ROOM_ID_RE.fullmatch(text) is not None
+
+
+@dataclass(frozen=True)
+class Room:
+    id: str
+    pin_hash: str | None
+    max_peers: int
+    created: float
+    last_active: float
+
+    @property
+    def has_pin(self) -> bool:
+        return self.pin_hash is not None
+
+
+Migration = Callable[[aiosqlite.Connection], Awaitable[None]]
+
+
+async def _v1(db: aiosqlite.Connection) -> None:
+    await db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    await db.execute(
+        """CREATE TABLE rooms (
+            id TEXT PRIMARY KEY,
+            pin_hash TEXT,
+            max_peers INTEGER NOT NULL,
+            created REAL NOT NULL,
+            last_active REAL NOT NULL
+        )"""
+    )
+    await db.execute("CREATE INDEX rooms_last_active ON rooms (last_active)")
+
+
+# MIGRATIONS[i] takes a file from user_version i to i + 1. Append, never edit: files in the
+# field are at every version.
+MIGRATIONS: tuple[Migration, ...] = (_v1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class RoomStore:
+    def __init__(self, db: aiosqlite.Connection, ttl: float) -> None:
+        self._db = db
+        self.ttl = ttl
+
+    @classmethod
+    async def open(cls, path: str, ttl: float) -> RoomStore:
+        db = await aiosqlite.connect(path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA busy_timeout = 5000")
+            await db.execute("PRAGMA journal_mode = WAL")
+            # FULL: a created room is on disk before its id is handed out, even across power loss.
+            await db.execute("PRAGMA synchronous = FULL")
+            await migrate(db)
+        except BaseException:
+            await db.close()
+            raise
+        return cls(db, ttl)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def ping(self) -> bool:
+        try:
+            async with self._db.execute("SELECT 1") as cur:
+                return await cur.fetchone() == (1,)
+        except (aiosqlite.Error, ValueError):
+            return False
+
+    async def create(self, *, with_pin: bool, max_peers: int, now: float) -> tuple[str, str | None]:
+        """Create a room; return (room id, PIN or None). The PIN itself is never stored."""
+        pin = pins.new_pin() if with_pin else None
+        pin_hash = await asyncio.to_thread(pins.hash_pin, pin) if pin else None
+        while True:
+            room_id = secrets.token_urlsafe(ROOM_ID_BYTES)
+            try:
+                await self._db.execute(
+                    "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (room_id, pin_hash, max_peers, now, now),
+                )
+            except aiosqlite.IntegrityError:  # 2**-128 odds, but cheap to handle
+                continue
+            return room_id, pin
+
+    async def get(self, room_id: str, now: float) -> Room | None:
+        """The room, or None if it does not exist or has expired (even if not yet swept)."""
+        if not is_room_id(room_id):
+            return None
+        async with self._db.execute(
+            "SELECT id, pin_hash, max_peers, created, last_active FROM rooms"
+            " WHERE id = ? AND last_active > ?",
+            (room_id, now - self.ttl),
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else Room(*row)
+
+    async def verify_pin(self, room: Room, pin: str) -> bool:
+        if room.pin_hash is None:
+            return True
+        # scrypt is deliberately slow: keep it off the event loop.
+        return await asyncio.to_thread(pins.verify_pin, pin, room.pin_hash)
+
+    async def touch(self, room_ids: Iterable[str], now: float) -> None:
+        await self._db.executemany(
+            "UPDATE rooms SET last_active = ? WHERE id = ? AND last_active < ?",
+            [(now, room_id, now) for room_id in room_ids],
+        )
+
+    async def sweep(self, now: float) -> int:
+        """Delete rooms idle for longer than the TTL; return how many."""
+        cur = await self._db.execute("DELETE FROM rooms WHERE last_active <= ?", (now - self.ttl,))
+        return cur.rowcount
+
+    async def count(self) -> int:
+        async with self._db.execute("SELECT count(*) FROM rooms") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def meta_get_or_set(self, key: str, value: str) -> str:
+        """meta[key], storing `value` first if absent (race-free across processes)."""
+        await self._db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value)
+        )
+        async with self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return str(row[0])
+
+    async def turn_secret(self) -> str:
+        """The TURN REST API secret generated on first start, so credentials survive restarts."""
+        return await self.meta_get_or_set("turn_secret", secrets.token_urlsafe(32))
+
+
+async def migrate(db: aiosqlite.Connection) -> int:
+    """Bring the schema up to SCHEMA_VERSION; return the version the file was at."""
+    await db.execute("BEGIN IMMEDIATE")  # one migrating process at a time
+    try:
+        async with db.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        found = int(row[0]) if row else 0
+        if found > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema v{found} is newer than this p2pserver (v{SCHEMA_VERSION})"
+            )
+        for version in range(found, SCHEMA_VERSION):
+            await MIGRATIONS[version](db)
+        if found != SCHEMA_VERSION:
+            await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+    return found

@@ -1,0 +1,68 @@
+"""uvicorn.Server as this app needs it: WebSockets get 1001, SIGTERM exits 0, no room ids logged."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import signal
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Generator
+
+import uvicorn
+
+_ROOM_PATH = re.compile(r"^/(ws|check-chat)/[^/?]*")
+
+
+class RedactRoomIds(logging.Filter):
+    """Room ids are capabilities: keep them out of uvicorn's per-connection log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _ROOM_PATH.sub(r"/\1/<room>", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
+
+
+def redact_room_ids() -> None:
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactRoomIds) for f in logger.filters):
+            logger.addFilter(RedactRoomIds())
+
+
+class DrainingServer(uvicorn.Server):
+    """Close the app's WebSockets with 1001 (going away) before uvicorn's own shutdown.
+
+    uvicorn closes open WebSockets itself with 1012 (service restart) and only then runs the
+    lifespan shutdown, so the app gets no say in the close code unless it goes first.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(config)
+        self._drain = drain
+        redact_room_ids()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:  # stop accepting before saying goodbye
+            server.close()
+        await self._drain()
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn re-raises a captured SIGTERM after its graceful shutdown, which ends the
+        # process with status 143; a finished graceful shutdown should be a clean exit.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)

@@ -1,0 +1,359 @@
+"""WebSocket signaling at /ws/{roomId}: the in-process hub of rooms -> peers, and its endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from p2pserver import messages as m
+from p2pserver.config import Settings
+from p2pserver.ice import host_from_header, ice_servers, url_host
+from p2pserver.ratelimit import SlidingWindow, TokenBucket
+from p2pserver.rooms import Room, RoomStore
+
+log = logging.getLogger("p2pserver.signaling")
+
+ERROR_WINDOW = 10.0  # seconds over which ws_max_errors counts a peer's errors
+MIN_BURST = 10.0  # token bucket size floor, so ICE candidate bursts pass at low rates
+MAX_QUEUED_ITEMS = 1024
+MIN_QUEUED_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Close:
+    code: int
+    reason: str
+
+
+class Connection:
+    """One WebSocket: its place in a room, its limits, and an outgoing queue with its own writer.
+
+    Everything sent to a peer goes through its queue, so a peer that reads slowly only ever
+    delays itself; when its backlog passes a bound it is dropped (too-slow) instead.
+    """
+
+    def __init__(self, ws: WebSocket, address: str, settings: Settings, now: float) -> None:
+        self.ws = ws
+        self.address = address
+        self.peer_id: str | None = None
+        self.room_id: str | None = None
+        self.dead = False  # a close is queued: its input is ignored, nothing more is queued
+        self.finished = asyncio.Event()
+        rate = settings.ws_messages_per_second
+        self.bucket = TokenBucket(rate, max(MIN_BURST, rate), now)
+        self.errors = SlidingWindow(max(1, settings.ws_max_errors), ERROR_WINDOW)
+        self._queue: asyncio.Queue[str | _Close] = asyncio.Queue()
+        self._queued_bytes = 0
+        self._max_bytes = max(MIN_QUEUED_BYTES, 16 * settings.ws_max_message)
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """Queue a message; False when the backlog is over its bound (the caller drops the peer)."""
+        if self.dead:
+            return True
+        text = m.encode(message)
+        if (
+            self._queue.qsize() >= MAX_QUEUED_ITEMS
+            or self._queued_bytes + len(text) > self._max_bytes
+        ):
+            return False
+        self._queued_bytes += len(text)
+        self._queue.put_nowait(text)
+        return True
+
+    def close(
+        self, code: int, reason: str, *, error: m.ErrorCode | None = None, flush: bool = True
+    ) -> None:
+        """Queue an optional error and the close frame; `flush=False` drops what is pending."""
+        if self.dead:
+            return
+        self.dead = True
+        if not flush:
+            while not self._queue.empty():
+                self._queue.get_nowait()
+            self._queued_bytes = 0
+        if error is not None:
+            self._queue.put_nowait(m.encode(m.error(error)))
+        self._queue.put_nowait(_Close(code, reason))
+
+    async def run_writer(self) -> None:
+        try:
+            while True:
+                item = await self._queue.get()
+                if isinstance(item, _Close):
+                    await self.ws.close(item.code, item.reason)
+                    return
+                self._queued_bytes -= len(item)
+                await self.ws.send_text(item)
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the client went away; the reader sees the disconnect and cleans up
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    # Browsers always send Origin on WebSockets; other clients may not, and CORS never applied
+    # to them anyway.
+    return origin is None or "*" in allowed or origin in allowed
+
+
+class Hub:
+    """Rooms -> peers of this process, and the rules for joining and relaying."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store: RoomStore | None = None  # set by the app's lifespan
+        self.secret = ""  # TURN REST API secret, set by the app's lifespan
+        self.rooms: dict[str, dict[str, Connection]] = {}
+        self.connections: set[Connection] = set()
+        self.closing = False
+        self._per_address: Counter[str] = Counter()
+        self._room_failures = SlidingWindow(settings.pin_attempts, settings.pin_lockout)
+        self._address_failures = SlidingWindow(settings.pin_attempts, settings.pin_lockout)
+        self._pins_pending: Counter[str] = Counter()  # PIN checks in flight, per room and address
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "connections": len(self.connections),
+            "rooms": len(self.rooms),
+            "peers": sum(len(peers) for peers in self.rooms.values()),
+        }
+
+    def active_rooms(self) -> list[str]:
+        return list(self.rooms)
+
+    def prune(self, now: float) -> None:
+        self._room_failures.prune(now)
+        self._address_failures.prune(now)
+
+    async def close_all(self, code: int = m.CLOSE_GOING_AWAY, timeout: float = 5.0) -> None:
+        """Refuse new peers, close every socket with `code`, wait for them to finish."""
+        self.closing = True
+        conns = list(self.connections)
+        for conn in conns:
+            conn.close(code, "server shutting down", flush=False)
+        waits = [asyncio.create_task(conn.finished.wait()) for conn in conns]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            for task in pending:
+                task.cancel()
+
+    # -- the endpoint ------------------------------------------------------------------------
+
+    async def serve(self, ws: WebSocket) -> None:
+        if not origin_allowed(ws.headers.get("origin"), self.settings.cors_origins):
+            await ws.close(1008)  # before accept: the handshake gets HTTP 403
+            return
+        await ws.accept()
+        loop = asyncio.get_running_loop()
+        address = ws.client.host if ws.client else "unknown"
+        conn = Connection(ws, address, self.settings, loop.time())
+        writer = asyncio.create_task(conn.run_writer())
+        counted = False
+        try:
+            if self.closing:
+                conn.close(m.CLOSE_GOING_AWAY, "server shutting down")
+            elif self._per_address[address] >= self.settings.ws_connections_per_ip:
+                self._fatal(conn, m.TOO_MANY_CONNECTIONS)
+            else:
+                self._per_address[address] += 1
+                self.connections.add(conn)
+                counted = True
+            await self._read(conn, ws.path_params["room_id"])
+        finally:
+            self._leave(conn)
+            if counted:
+                self.connections.discard(conn)
+                self._per_address[address] -= 1
+                if self._per_address[address] <= 0:
+                    del self._per_address[address]
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            conn.finished.set()
+
+    async def _read(self, conn: Connection, room_id: str) -> None:
+        """Read frames until the client disconnects (which also follows any close we send)."""
+        loop = asyncio.get_running_loop()
+        join_deadline = loop.time() + self.settings.ws_join_timeout
+        while True:
+            try:
+                if conn.peer_id is not None or conn.dead:
+                    message = await conn.ws.receive()
+                else:
+                    async with asyncio.timeout_at(join_deadline):
+                        message = await conn.ws.receive()
+            except TimeoutError:
+                self._fatal(conn, m.JOIN_TIMEOUT)
+                continue
+            if message["type"] == "websocket.disconnect":
+                return
+            if conn.dead:
+                continue
+            try:
+                await self._on_frame(conn, room_id, message)
+            except Exception:  # a fault of ours (say, the database): close this peer cleanly
+                log.exception("signaling fault")
+                conn.close(m.CLOSE_INTERNAL_ERROR, "internal error")
+                self._leave(conn)
+
+    async def _on_frame(
+        self, conn: Connection, room_id: str, frame: MutableMapping[str, Any]
+    ) -> None:
+        text: str | None = frame.get("text")
+        size = len(text.encode()) if text is not None else len(frame.get("bytes") or b"")
+        limit = self.settings.ws_max_message
+        if not conn.bucket.take(asyncio.get_running_loop().time()):
+            return self._reject(conn, m.RATE_LIMITED)
+        if size > limit:
+            return self._reject(conn, m.TOO_LARGE, f"message of {size} bytes, limit {limit}")
+        if text is None:
+            return self._reject(conn, m.BAD_MESSAGE, "binary frames are not accepted")
+        try:
+            message = m.parse(text)
+        except m.BadMessage as exc:
+            return self._reject(conn, m.BAD_MESSAGE, str(exc))
+        kind = message["type"]
+        if kind == "signal":
+            return self._signal(conn, message)
+        if kind == "ping":
+            return self._deliver(conn, {"type": "pong"})
+        if kind == "join":
+            return await self._join(conn, room_id, message)
+        return self._reject(conn, m.BAD_MESSAGE, "unknown message type")
+
+    # -- joining -----------------------------------------------------------------------------
+
+    def _pin_locked(self, room_id: str, address: str, now: float) -> bool:
+        limit = self.settings.pin_attempts
+        return (
+            self._room_failures.count(room_id, now) + self._pins_pending[room_id] >= limit
+            or self._address_failures.count(address, now) + self._pins_pending[address] >= limit
+        )
+
+    async def _check_pin(self, conn: Connection, room: Room, pin: str) -> m.ErrorCode | None:
+        loop = asyncio.get_running_loop()
+        if self._pin_locked(room.id, conn.address, loop.time()):
+            return m.TOO_MANY_ATTEMPTS
+        # Checks in flight count against the limit, so parallel guesses cannot overshoot it.
+        keys = (room.id, conn.address)
+        self._pins_pending.update(keys)
+        try:
+            ok = await self._store().verify_pin(room, pin)
+        finally:
+            self._pins_pending.subtract(keys)
+            for key in keys:
+                if self._pins_pending[key] <= 0:
+                    del self._pins_pending[key]
+        if ok:
+            return None
+        self._room_failures.hit(room.id, loop.time())
+        self._address_failures.hit(conn.address, loop.time())
+        return m.WRONG_PIN
+
+    async def _join(self, conn: Connection, room_id: str, message: dict[str, Any]) -> None:
+        if conn.peer_id is not None:
+            return self._reject(conn, m.BAD_MESSAGE, "already joined")
+        pin = message.get("pin")
+        if pin is not None and not isinstance(pin, str):
+            return self._reject(conn, m.BAD_MESSAGE, '"pin" must be a string')
+        room = await self._store().get(room_id, time.time())
+        if room is None:
+            return self._fatal(conn, m.ROOM_NOT_FOUND)
+        if room.has_pin:
+            if not pin:
+                return self._fatal(conn, m.PIN_REQUIRED)
+            failure = await self._check_pin(conn, room, pin)
+            if failure is not None:
+                return self._fatal(conn, failure)
+        if conn.dead or self.closing:
+            return
+        # No await from here until the peer is in the room: the capacity check cannot race.
+        peers = self.rooms.setdefault(room.id, {})
+        if len(peers) >= room.max_peers:
+            return self._fatal(conn, m.ROOM_FULL)
+        peer_id = secrets.token_urlsafe(9)
+        others = list(peers.values())
+        peers[peer_id] = conn
+        conn.peer_id, conn.room_id = peer_id, room.id
+        log.debug("peer %s joined room %s.. (%d peers)", peer_id, room.id[:6], len(peers))
+        welcome = {
+            "type": "welcome",
+            "peerId": peer_id,
+            "peers": [other.peer_id for other in others],
+            "iceServers": ice_servers(
+                self.settings, self._ice_host(conn.ws), self.secret, peer_id, time.time()
+            ),
+        }
+        self._deliver(conn, welcome)
+        for other in others:
+            self._deliver(other, {"type": "peer-joined", "peerId": peer_id})
+        await self._store().touch([room.id], time.time())
+
+    def _ice_host(self, ws: WebSocket) -> str:
+        if self.settings.public_host:  # checked at startup (app.check_settings)
+            return url_host(self.settings.public_host) or "localhost"
+        host = host_from_header(ws.headers.get("host", ""))
+        if host is None:  # no usable Host header: the address the client reached us on
+            server = ws.scope.get("server")
+            host = url_host(server[0]) if server else None
+        return host or "localhost"
+
+    # -- relaying ----------------------------------------------------------------------------
+
+    def _signal(self, conn: Connection, message: dict[str, Any]) -> None:
+        if conn.peer_id is None or conn.room_id is None:
+            return self._reject(conn, m.BAD_MESSAGE, "join first")
+        to = message.get("to")
+        if not isinstance(to, str):
+            return self._reject(conn, m.BAD_MESSAGE, '"to" must be a peer id')
+        if "data" not in message:
+            return self._reject(conn, m.BAD_MESSAGE, 'missing "data"')
+        target = self.rooms.get(conn.room_id, {}).get(to)
+        if target is None or target is conn:
+            return self._reject(conn, m.UNKNOWN_PEER)
+        self._deliver(target, {"type": "signal", "from": conn.peer_id, "data": message["data"]})
+
+    def _deliver(self, conn: Connection, message: dict[str, Any]) -> None:
+        if not conn.send(message):
+            conn.close(m.TOO_SLOW.close or 1008, m.TOO_SLOW.code, error=m.TOO_SLOW, flush=False)
+            self._leave(conn)
+
+    def _reject(self, conn: Connection, code: m.ErrorCode, detail: str | None = None) -> None:
+        """Answer a non-fatal error; a peer that keeps causing them is closed."""
+        self._deliver(conn, m.error(code, detail))
+        now = asyncio.get_running_loop().time()
+        conn.errors.hit("", now)
+        if not conn.errors.allowed("", now):
+            self._fatal(conn, m.TOO_MANY_ERRORS)
+
+    def _fatal(self, conn: Connection, code: m.ErrorCode) -> None:
+        assert code.close is not None
+        conn.close(code.close, code.code, error=code)
+        self._leave(conn)
+
+    def _leave(self, conn: Connection) -> None:
+        if conn.peer_id is None or conn.room_id is None:
+            return
+        peers = self.rooms.get(conn.room_id)
+        if peers is None or peers.get(conn.peer_id) is not conn:
+            return
+        del peers[conn.peer_id]
+        if not peers:
+            del self.rooms[conn.room_id]
+        elif not self.closing:
+            for other in list(peers.values()):
+                self._deliver(other, {"type": "peer-left", "peerId": conn.peer_id})
+
+    def _store(self) -> RoomStore:
+        if self.store is None:
+            raise RuntimeError("room store not open (lifespan not started)")
+        return self.store

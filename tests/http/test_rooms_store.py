@@ -1,0 +1,177 @@
+"""RoomStore, PIN hashing, rate limiters and iceServers, without a server."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import aiosqlite
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from p2pserver import credentials, pins
+from p2pserver.config import Settings
+from p2pserver.ice import host_from_header, ice_servers, url_host
+from p2pserver.ratelimit import SlidingWindow, TokenBucket
+from p2pserver.rooms import SCHEMA_VERSION, RoomStore, migrate
+
+
+async def test_fresh_file_gets_current_schema_and_wal(tmp_path: Path) -> None:
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=60)
+    await store.close()
+    with sqlite3.connect(tmp_path / "a.db") as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_migrate_is_idempotent_and_keeps_rooms(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.db")
+    store = await RoomStore.open(path, ttl=60)
+    room_id, pin = await store.create(with_pin=True, max_peers=3, now=1000.0)
+    await store.close()
+    async with aiosqlite.connect(path, isolation_level=None) as db:
+        assert await migrate(db) == SCHEMA_VERSION
+    store = await RoomStore.open(path, ttl=60)
+    room = await store.get(room_id, now=1001.0)
+    assert room is not None and room.max_peers == 3
+    assert pin is not None and await store.verify_pin(room, pin)
+    await store.close()
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "a.db"
+    with sqlite3.connect(path) as db:
+        db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(RuntimeError, match="newer"):
+        await RoomStore.open(str(path), ttl=60)
+
+
+async def test_expiry_hides_then_sweep_deletes(tmp_path: Path) -> None:
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
+    idle, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
+    busy, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
+    await store.touch([busy], now=1080.0)
+    assert await store.get(idle, now=1099.0) is not None
+    assert await store.get(idle, now=1100.0) is None  # expired, not yet swept
+    assert await store.get(busy, now=1100.0) is not None
+    assert await store.count() == 2
+    assert await store.sweep(now=1150.0) == 1
+    assert await store.count() == 1
+    assert await store.get(busy, now=1150.0) is not None
+    await store.close()
+
+
+async def test_touch_never_moves_last_active_back(tmp_path: Path) -> None:
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
+    room_id, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
+    await store.touch([room_id], now=1050.0)
+    await store.touch([room_id], now=1010.0)
+    room = await store.get(room_id, now=1051.0)
+    assert room is not None and room.last_active == 1050.0
+    await store.close()
+
+
+async def test_turn_secret_is_generated_once(tmp_path: Path) -> None:
+    path = str(tmp_path / "a.db")
+    store = await RoomStore.open(path, ttl=60)
+    first = await store.turn_secret()
+    assert first == await store.turn_secret()
+    await store.close()
+    store = await RoomStore.open(path, ttl=60)
+    assert await store.turn_secret() == first
+    assert len(first) >= 40
+    await store.close()
+
+
+async def test_get_rejects_malformed_ids(tmp_path: Path) -> None:
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=60)
+    assert await store.get("'; DROP TABLE rooms; --", now=0) is None
+    assert await store.get("", now=0) is None
+    await store.close()
+
+
+def test_pins_are_six_digits_and_hash_verifies() -> None:
+    pin = pins.new_pin()
+    assert len(pin) == 6 and pin.isdigit()
+    encoded = pins.hash_pin(pin)
+    assert pin not in encoded
+    assert pins.verify_pin(pin, encoded)
+    wrong = f"{(int(pin) + 1) % 10**6:06d}"
+    assert not pins.verify_pin(wrong, encoded)
+    assert not pins.verify_pin(pin + "0", encoded)
+    assert not pins.verify_pin("\uff11\uff12\uff13\uff14\uff15\uff16", pins.hash_pin("123456"))
+    assert not pins.verify_pin(pin, "garbage")
+    assert not pins.verify_pin(pin, "md5$1$2$3$4$5")
+
+
+def test_token_bucket() -> None:
+    bucket = TokenBucket(rate=2.0, burst=3.0, now=0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert bucket.take(0.5)  # one token back after half a second at 2/s
+    assert not bucket.take(0.5)
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]  # capped at burst
+
+
+def test_sliding_window() -> None:
+    window = SlidingWindow(limit=2, window=10.0)
+    assert window.allowed("a", 0.0)
+    window.hit("a", 0.0)
+    window.hit("a", 4.0)
+    assert not window.allowed("a", 5.0)
+    assert window.allowed("b", 5.0)
+    assert window.retry_after("a", 5.0) == pytest.approx(5.0)
+    assert window.allowed("a", 10.0)
+    window.prune(100.0)
+    assert len(window) == 0
+
+
+def test_sliding_window_caps_keys() -> None:
+    window = SlidingWindow(limit=1, window=10.0, max_keys=100)
+    for i in range(1000):
+        window.hit(f"k{i}", 0.0)
+    assert len(window) <= 100
+    assert not window.allowed("k999", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("header", "host"),
+    [
+        ("example.org:3000", "example.org"),
+        ("Example.ORG", "example.org"),
+        ("127.0.0.1:3000", "127.0.0.1"),
+        ("[::1]:3000", "[::1]"),
+        ("[2001:DB8::1]", "[2001:db8::1]"),
+        ("2001:db8::1", "[2001:db8::1]"),
+        ("evil.example/path?x", None),
+        ("a b", None),
+        ("", None),
+        ("[nope]:1", None),
+    ],
+)
+def test_host_from_header(header: str, host: str | None) -> None:
+    assert host_from_header(header) == host
+
+
+@given(st.text(max_size=80))
+def test_url_host_output_is_safe_in_urls(text: str) -> None:
+    host = url_host(text)
+    if host is not None:
+        assert all(c.isalnum() or c in ".-[]:" for c in host)
+        assert host.isascii()
+
+
+def test_ice_servers_urls_and_credentials() -> None:
+    settings = Settings(turn_port=3479, ice_ttl=600)
+    servers = ice_servers(settings, "[::1]", "s3cret", "peer1", now=1_000_000.0)
+    assert servers[0] == {"urls": ["stun:[::1]:3479"]}
+    turn = servers[1]
+    assert turn["urls"] == ["turn:[::1]:3479?transport=udp", "turn:[::1]:3479?transport=tcp"]
+    assert turn["username"] == "1000600:peer1"
+    assert turn["credential"] == credentials.rest_password("s3cret", turn["username"])
+
+
+def test_ice_servers_add_turns_with_tls() -> None:
+    settings = Settings(tls_cert="c.pem", tls_key="k.pem", tls_port=5350)
+    urls = ice_servers(settings, "example.org", "s", "p", now=0.0)[1]["urls"]
+    assert "turns:example.org:5350?transport=tcp" in urls

@@ -1,0 +1,149 @@
+"""The whole flow with real WebRTC: two aiortc peers meet through rooms, signaling and TURN.
+
+The server is the real `p2pserver` command with its built-in TURN server; the peers take
+iceServers from their welcome, force relay, and trade data-channel messages through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import socket
+from typing import Any
+
+import pytest
+from aiortc import (
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCIceTransportPolicy,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from httpkit import TIMEOUT, Peer, StartProcess, free_turn_port
+
+pytestmark = pytest.mark.slow
+
+FLOW_TIMEOUT = 90.0
+
+
+def _relay_config(welcome: dict[str, Any], transport: str, port: int) -> RTCConfiguration:
+    """Only the TURN URL for `transport` (aiortc uses the first TURN URL it is given)."""
+    _, turn = welcome["iceServers"]
+    urls = [url for url in turn["urls"] if url.endswith(f"?transport={transport}")]
+    assert urls == [f"turn:127.0.0.1:{port}?transport={transport}"]
+    server = RTCIceServer(urls=urls, username=turn["username"], credential=turn["credential"])
+    return RTCConfiguration(iceServers=[server], iceTransportPolicy=RTCIceTransportPolicy.RELAY)
+
+
+async def _next_signal(peer: Peer) -> dict[str, Any]:
+    while (message := await peer.recv(FLOW_TIMEOUT))["type"] != "signal":
+        pass
+    return message
+
+
+def _candidate_types(sdp: str) -> set[str]:
+    return set(re.findall(r"a=candidate:.* typ (\w+)", sdp))
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_two_aiortc_peers_talk_through_builtin_turn(
+    start_process: StartProcess, transport: str
+) -> None:
+    turn_port = free_turn_port()
+    _, server = await start_process(
+        "--turn-host",
+        "127.0.0.1",
+        "--turn-port",
+        str(turn_port),
+        "--tls-port",
+        str(free_turn_port()),
+        "--allow-peer",
+        "127.0.0.0/8",
+        "--public-host",
+        "127.0.0.1",
+    )
+    room_id, pin = await server.create_room(withPin=True)
+    alice = await server.join(room_id, pin)
+    bob = await server.join(room_id, pin)
+    assert bob.welcome["peers"] == [alice.id]
+    assert (await alice.expect("peer-joined"))["peerId"] == bob.id
+
+    pc_alice = RTCPeerConnection(_relay_config(alice.welcome, transport, turn_port))
+    pc_bob = RTCPeerConnection(_relay_config(bob.welcome, transport, turn_port))
+    loop = asyncio.get_running_loop()
+    alice_got: asyncio.Future[str] = loop.create_future()
+    bob_got: asyncio.Future[str] = loop.create_future()
+    try:
+
+        @pc_alice.on("datachannel")
+        def on_datachannel(channel: RTCDataChannel) -> None:
+            @channel.on("message")
+            def on_message(message: str) -> None:
+                if not alice_got.done():
+                    alice_got.set_result(message)
+                    channel.send(f"hello bob, {alice.id} here")
+
+        channel = pc_bob.createDataChannel("chat")
+        opened: asyncio.Future[None] = loop.create_future()
+
+        @channel.on("open")
+        def on_open() -> None:
+            if not opened.done():
+                opened.set_result(None)
+
+        @channel.on("message")
+        def on_reply(message: str) -> None:
+            if not bob_got.done():
+                bob_got.set_result(message)
+
+        # Bob, the newcomer, offers; aiortc gathers every candidate before the SDP is ready.
+        await pc_bob.setLocalDescription(await pc_bob.createOffer())
+        offer = pc_bob.localDescription
+        await bob.send(
+            {"type": "signal", "to": alice.id, "data": {"type": offer.type, "sdp": offer.sdp}}
+        )
+
+        received = await _next_signal(alice)
+        assert received["from"] == bob.id
+        await pc_alice.setRemoteDescription(RTCSessionDescription(**received["data"]))
+        await pc_alice.setLocalDescription(await pc_alice.createAnswer())
+        answer = pc_alice.localDescription
+        await alice.send(
+            {"type": "signal", "to": bob.id, "data": {"type": answer.type, "sdp": answer.sdp}}
+        )
+
+        received = await _next_signal(bob)
+        assert received["from"] == alice.id
+        await pc_bob.setRemoteDescription(RTCSessionDescription(**received["data"]))
+
+        # Relay only: every candidate either side offered is a TURN relay on 127.0.0.1.
+        for sdp in (offer.sdp, answer.sdp):
+            assert _candidate_types(sdp) == {"relay"}, sdp
+            assert "127.0.0.1" in sdp
+
+        await asyncio.wait_for(opened, FLOW_TIMEOUT)
+        channel.send(f"hello alice, {bob.id} here")
+        assert await asyncio.wait_for(alice_got, FLOW_TIMEOUT) == f"hello alice, {bob.id} here"
+        assert await asyncio.wait_for(bob_got, FLOW_TIMEOUT) == f"hello bob, {alice.id} here"
+
+        async with server.client() as http:
+            health = await http.get("/healthz")
+        assert health.status_code == 200
+        turn = health.json()["turn"]
+        assert turn["running"] is True
+        assert turn["stats"]["allocations"] >= 2
+    finally:
+        for pc in (pc_alice, pc_bob):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(pc.close(), TIMEOUT)
+
+
+async def test_busy_turn_port_fails_startup(start_process: StartProcess) -> None:
+    """The lifespan starts TURN: if it cannot bind, the process exits non-zero."""
+    turn_port = free_turn_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", turn_port))
+        with pytest.raises(AssertionError, match=r"server exited [1-9]"):
+            await start_process("--turn-host", "127.0.0.1", "--turn-port", str(turn_port))
