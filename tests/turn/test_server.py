@@ -274,3 +274,34 @@ async def test_retransmitted_request_gets_the_same_answer(server: TurnServer) ->
     assert first.raw == again.raw  # type: ignore[attr-defined]
     fresh = await client.allocate()
     assert fresh.error_code == 437  # a new transaction on the same 5-tuple
+
+
+async def test_ipv6_relay(make_server: ServerFactory) -> None:
+    """RFC 6156: a relay on an IPv6 address, asked for with REQUESTED-ADDRESS-FAMILY."""
+    import ipaddress
+
+    server = await make_server(turn_host="::1", allow_peers=(ipaddress.ip_network("::1/128"),))
+    loop = asyncio.get_running_loop()
+    _, peer = await loop.create_datagram_endpoint(Peer, local_addr=("::1", 0))
+    try:
+        client = await StunClient.connect(("::1", server.port), "udp")
+        await client.login(USER, PASSWORD)
+        assert (await client.allocate()).error_code == 440  # IPv4 is the default family
+        answer = await client.allocate(requested_address_family=2)
+        assert answer.message_class == Class.RESPONSE, answer
+        relayed = answer.attributes["XOR-RELAYED-ADDRESS"]
+        assert relayed[0] == "::1"
+        v4 = await client.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": ("8.8.8.8", 1)})
+        assert v4.error_code == 443
+        bind = {"CHANNEL-NUMBER": 0x4000, "XOR-PEER-ADDRESS": peer.address}
+        assert (await client.request(Method.CHANNEL_BIND, bind)).message_class == Class.RESPONSE
+        client.send_channel_data(0x4000, b"six")
+        data, source = await asyncio.wait_for(peer.received.get(), 5)
+        assert (data, source[:2]) == (b"six", relayed)
+        assert peer.transport is not None
+        peer.transport.sendto(b"back", relayed)
+        raw = await client.receive()
+        assert raw[:2] == b"\x40\x00" and raw[4:8] == b"back"
+    finally:
+        assert peer.transport is not None
+        peer.transport.close()

@@ -37,6 +37,7 @@ class RelaySocket:
 
     def start(self, on_datagram: Callable[[bytes, Address], None]) -> None:
         sock = self.sock
+        ipv6 = self.family == 2
 
         def readable() -> None:
             for _ in range(_READ_BATCH):
@@ -46,7 +47,7 @@ class RelaySocket:
                     return
                 except OSError:
                     continue  # ICMP errors surface here; the next datagram may be fine
-                on_datagram(data, addr)
+                on_datagram(data, addr[:2] if ipv6 else addr)  # drop IPv6 flowinfo, scope
 
         self.loop.add_reader(sock.fileno(), readable)
         self._reading = True
