@@ -219,12 +219,12 @@ def parse_settings(
 async def serve_turn_only(settings: Settings) -> None:
     from p2pserver.turn.server import TurnServer
 
-    server = TurnServer(settings)
-    await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before start: it logs that we are ready
         loop.add_signal_handler(sig, stop.set)
+    server = TurnServer(settings)
+    await server.start()
     try:
         await stop.wait()
     finally:

@@ -305,3 +305,17 @@ async def test_ipv6_relay(make_server: ServerFactory) -> None:
     finally:
         assert peer.transport is not None
         peer.transport.close()
+
+
+async def test_dont_fragment_sets_df_on_the_relay_socket(server: TurnServer) -> None:
+    import socket
+
+    client = await connect(server, "udp")
+    await client.login(USER, PASSWORD)
+    answer = await client.allocate(dont_fragment=None)
+    assert answer.message_class == Class.RESPONSE
+    (allocation,) = list(server.core.table)
+    sock = allocation.relay.sock  # type: ignore[attr-defined]
+    if hasattr(socket, "IP_MTU_DISCOVER"):  # Linux
+        value = sock.getsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER)
+        assert value == socket.IP_PMTUDISC_DO

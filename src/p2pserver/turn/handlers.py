@@ -87,8 +87,8 @@ class TurnCore:
         self.stats = Stats()
         # The address put in XOR-RELAYED-ADDRESS: --external-ip, else what the server decides.
         self._relayed_ip = relayed_ip or (lambda client: settings.external_ip or client.local[0])
-        self._handlers: dict[int, Callable[[Request, Client, str, bytes, float], bytes]] = {
-            Method.ALLOCATE: self.allocate,
+        # Requests on an existing allocation (RFC 8656 §7.3, §10, §11): 437 without one.
+        self._on_allocation: dict[int, Callable[[Request, Allocation, Client, float], bytes]] = {
             Method.REFRESH: self.refresh,
             Method.CREATE_PERMISSION: self.create_permission,
             Method.CHANNEL_BIND: self.channel_bind,
@@ -135,7 +135,16 @@ class TurnCore:
             self.stats.unauthenticated += 1
             return identity
         username, key = identity
-        response = self._handlers[request.method](request, client, username, key, now)
+        if request.method == Method.ALLOCATE:
+            response = self.allocate(request, client, username, key, now)
+        else:
+            allocation = self.table.get(client.five_tuple)
+            if allocation is None:
+                response = self.responder.error(request, 437, "No allocation here", key)
+            elif allocation.username != username:
+                response = self.responder.error(request, 441, key=key)  # RFC 8656 §5
+            else:
+                response = self._on_allocation[request.method](request, allocation, client, now)
         self.responses.put(cache_key, response, now)
         return response
 
@@ -160,16 +169,6 @@ class TurnCore:
         nonce = self.nonces.issue(client.remote[0], now)
         attrs = {"REALM": self.credentials.realm, "NONCE": nonce}
         return self.responder.error(request, code, attributes=attrs)
-
-    def _own_allocation(
-        self, request: Request, client: Client, username: str, key: bytes
-    ) -> Allocation | bytes:
-        allocation = self.table.get(client.five_tuple)
-        if allocation is None:
-            return self.responder.error(request, 437, "No allocation on this 5-tuple", key)
-        if allocation.username != username:
-            return self.responder.error(request, 441, key=key)  # RFC 8656 §5
-        return allocation
 
     # --- handlers, one per method (RFC 8656 §7-§12) ----------------------------------------
 
@@ -254,11 +253,9 @@ class TurnCore:
         return self.responder.success(request, answer, key)
 
     def refresh(
-        self, request: Request, client: Client, username: str, key: bytes, now: float
+        self, request: Request, allocation: Allocation, client: Client, now: float
     ) -> bytes:
-        allocation = self._own_allocation(request, client, username, key)
-        if isinstance(allocation, bytes):
-            return allocation
+        key = allocation.key
         family = request.attributes.get("REQUESTED-ADDRESS-FAMILY")
         if family is not None and family != allocation.relay.family:
             return self.responder.error(request, 443, key=key)  # RFC 8656 §7.3
@@ -273,11 +270,9 @@ class TurnCore:
         return self.responder.success(request, {"LIFETIME": lifetime}, key)
 
     def create_permission(
-        self, request: Request, client: Client, username: str, key: bytes, now: float
+        self, request: Request, allocation: Allocation, client: Client, now: float
     ) -> bytes:
-        allocation = self._own_allocation(request, client, username, key)
-        if isinstance(allocation, bytes):
-            return allocation
+        key = allocation.key
         if not request.peers:
             return self.responder.error(request, 400, "XOR-PEER-ADDRESS missing", key)
         for ip, _port in request.peers:  # all or nothing (RFC 8656 §10.2)
@@ -293,11 +288,9 @@ class TurnCore:
         return self.responder.success(request, {}, key)
 
     def channel_bind(
-        self, request: Request, client: Client, username: str, key: bytes, now: float
+        self, request: Request, allocation: Allocation, client: Client, now: float
     ) -> bytes:
-        allocation = self._own_allocation(request, client, username, key)
-        if isinstance(allocation, bytes):
-            return allocation
+        key = allocation.key
         number = request.attributes.get("CHANNEL-NUMBER")
         if number is None or not request.peers:
             return self.responder.error(

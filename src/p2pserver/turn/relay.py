@@ -152,15 +152,13 @@ class RelayPorts:
 
 def _set_dont_fragment(sock: socket.socket) -> None:
     """DONT-FRAGMENT (RFC 8656 §14.8): set DF on what this relay sends, where the OS lets us."""
-    option = getattr(socket, "IP_MTU_DISCOVER", None)
-    value = getattr(socket, "IP_PMTUDISC_DO", None)
-    if option is None or value is None:
+    value: int | None = getattr(socket, "IP_PMTUDISC_DO", None)
+    if value is None:
         return
-    level, option = (
-        (socket.IPPROTO_IP, option)
-        if sock.family == socket.AF_INET
-        else (socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU_DISCOVER", 23))  # Linux value
-    )
+    if sock.family == socket.AF_INET:
+        level, option = socket.IPPROTO_IP, getattr(socket, "IP_MTU_DISCOVER", 10)
+    else:
+        level, option = socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU_DISCOVER", 23)
     try:
         sock.setsockopt(level, option, value)
     except OSError:
