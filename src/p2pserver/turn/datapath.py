@@ -89,9 +89,9 @@ def parse_send(data: bytes) -> tuple[tuple[str, int], bytes] | None:
         elif atype == _DATA and payload is None:
             payload = data[vstart:vend]
         elif atype == _FINGERPRINT:
-            check = data[:2] + (pos + 8 - 20).to_bytes(2) + data[4:pos]
             if alen != 4 or vend != end:
                 return None
+            check = data[:2] + (pos + 8 - 20).to_bytes(2) + data[4:pos]
             if int.from_bytes(data[vstart:vend]) != binascii.crc32(check) ^ 0x5354554E:
                 return None
         elif atype < 0x8000 and atype not in KNOWN_TYPES:

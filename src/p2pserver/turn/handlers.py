@@ -126,7 +126,7 @@ class TurnCore:
         if request.method == Method.BINDING:
             return self.responder.success(request, {"XOR-MAPPED-ADDRESS": client.remote})
 
-        cache_key = (client.five_tuple, request.transaction_id)
+        cache_key = (client.five_tuple, request.transaction_id, request.method)
         cached = self.responses.get(cache_key, now)
         if cached is not None:
             return cached

@@ -125,8 +125,17 @@ class StreamConnection(asyncio.Protocol):
                 continue
             reply = self.server.handle(frame, self.client)
             if reply is not None:
-                self.transport.write(reply)
+                self._send(reply)  # dropped past TCP_MAX_BUFFERED, like relay data
             self.framer.channels_allowed = self.five_tuple in self.allocations
+
+    def pause_writing(self) -> None:
+        # The client does not read its answers: stop reading its requests (TCP backpressure).
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)

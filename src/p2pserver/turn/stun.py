@@ -264,7 +264,7 @@ def decode(data: bytes) -> Request:
         if is_request:
             raise BadRequest("Unknown comprehension-required attribute", 420, unknown)
         raise Malformed("indication with an unknown comprehension-required attribute")
-    if method not in REQUEST_METHODS and method != Method.SEND:
+    if method not in REQUEST_METHODS and (is_request or method != Method.SEND):
         if is_request:
             raise BadRequest("Unsupported method")
         raise Malformed("unknown indication")
