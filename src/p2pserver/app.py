@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -15,8 +17,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+from starlette.types import Scope
 from starlette.websockets import WebSocket
 
 from p2pserver.config import Settings
@@ -28,6 +32,19 @@ from p2pserver.signaling import Hub
 log = logging.getLogger("p2pserver.app")
 
 MAX_BODY = 4096  # a create-chat body is a few dozen bytes
+WEB_DIR = Path(__file__).parent / "web"  # the reference client (package data)
+
+# The page loads nothing from elsewhere; blob: and mediastream: are received files and video.
+WEB_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+        "media-src 'self' blob: mediastream:; connect-src 'self'; object-src 'none'; "
+        "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",  # revalidate (ETag) so an upgrade reaches every browser
+}
 
 
 def check_settings(settings: Settings) -> None:
@@ -150,6 +167,31 @@ async def healthz(request: Request) -> Response:
     return JSONResponse(body, 200 if db_ok and turn_ok else 503)
 
 
+class WebFiles(StaticFiles):
+    """The reference web client's files, with headers that lock the page to this origin."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers.update(WEB_HEADERS)
+        return response
+
+
+# A Host header that is only a host name or IP literal and a port: safe to put into a header.
+_HOST_HEADER = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+
+
+async def index(request: Request) -> Response:
+    headers = dict(WEB_HEADERS)
+    host = request.headers.get("host", "")
+    if _HOST_HEADER.fullmatch(host):
+        # CSP Level 3 lets 'self' cover ws: and wss: to this origin; older engines need them
+        # named, and the page's WebSocket goes to the host it was loaded from.
+        headers["Content-Security-Policy"] = headers["Content-Security-Policy"].replace(
+            "connect-src 'self'", f"connect-src 'self' ws://{host} wss://{host}"
+        )
+    return FileResponse(WEB_DIR / "index.html", headers=headers)
+
+
 async def signaling(websocket: WebSocket) -> None:
     await websocket.app.state.hub.serve(websocket)
 
@@ -217,6 +259,10 @@ def create_app(settings: Settings) -> Starlette:
             Route("/check-chat/{room_id}", check_chat, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             WebSocketRoute("/ws/{room_id}", signaling),
+            # The web client: its page at / and its scripts and styles under /static/. (A mount at
+            # / would answer every unknown path itself, and GET /create-chat with 404, not 405.)
+            Route("/", index, methods=["GET", "HEAD"]),
+            Mount("/static", WebFiles(directory=WEB_DIR), name="static"),
         ],
         middleware=[
             Middleware(

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import ipaddress
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,9 +14,7 @@ from p2pserver.turn.server import TurnServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-USER, PASSWORD = "alice", "wonderland"
-SECRET = "test-shared-secret"
-LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+from turnkit import LOOPBACK, PASSWORD, SECRET, USER, ServerFactory
 
 BASE = Settings(
     http=False,
@@ -27,8 +24,6 @@ BASE = Settings(
     secret=SECRET,
     realm="test.realm",
 )
-
-ServerFactory = Callable[..., Awaitable[TurnServer]]
 
 
 @pytest.fixture

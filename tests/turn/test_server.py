@@ -9,8 +9,8 @@ import time
 import pytest
 from aioice import stun as aiostun
 from aioice.stun import Class, Message, Method
-from conftest import PASSWORD, USER, ServerFactory
 from stunclient import StunClient
+from turnkit import PASSWORD, USER, ServerFactory
 
 from p2pserver.turn.server import TurnServer
 
@@ -114,7 +114,7 @@ async def test_stale_nonce_is_438_with_a_fresh_one(server: TurnServer) -> None:
 
 
 async def test_rest_api_credentials(server: TurnServer) -> None:
-    from conftest import SECRET
+    from turnkit import SECRET
 
     from p2pserver import credentials
 

@@ -8,11 +8,11 @@ import ssl
 from pathlib import Path
 
 from aioice.turn import create_turn_endpoint
-from conftest import LOOPBACK, PASSWORD, USER, ServerFactory
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from turnkit import LOOPBACK, PASSWORD, USER, ServerFactory
 
 
 def self_signed(directory: Path) -> tuple[str, str]:

@@ -1,0 +1,175 @@
+"""Helpers for the browser tests: the real `p2pserver` process and Debian's Chromium.
+
+Chromium comes from Debian (`apt-get install chromium`, as .ci/run does); Playwright drives it
+through `executable_path`, so `playwright install` (a download) is never needed. Without either,
+these tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    # WebRTC ignores loopback addresses (here: the TURN server's relays) without this.
+    "--allow-loopback-in-peer-connection",
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
+]
+
+
+def skip_reason() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed (pip install -e '.[test]')"
+    if not CHROMIUM.exists():
+        return f"{CHROMIUM} is missing (apt-get install chromium; .ci/run does)"
+    return None
+
+
+# -- the server -------------------------------------------------------------------------------
+
+
+def _free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _free_udp_and_tcp_port() -> int:
+    for _ in range(50):
+        port = _free_port(socket.SOCK_DGRAM)
+        with contextlib.suppress(OSError), socket.socket() as tcp:
+            tcp.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError("no port free for both UDP and TCP")
+
+
+def _get(url: str, timeout: float = 2.0) -> int:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@dataclass
+class ServerProcess:
+    """`python -m p2pserver` on 127.0.0.1 with its own ports and database."""
+
+    workdir: Path
+    http_port: int = field(default_factory=_free_port)
+    turn_port: int = field(default_factory=_free_udp_and_tcp_port)
+    relay_to_loopback: bool = True  # False: the production peer policy, loopback refused
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "server.log"
+
+    def start(self) -> None:
+        args = [
+            *("--http-host", "127.0.0.1", "--http-port", str(self.http_port)),
+            *("--db", str(self.workdir / "rooms.db"), "--log-level", "info"),
+            *("--turn-host", "127.0.0.1", "--turn-port", str(self.turn_port)),
+            *("--tls-port", str(_free_udp_and_tcp_port())),
+            "--public-host",
+            "127.0.0.1",
+        ]
+        if self.relay_to_loopback:
+            # The browsers' relay candidates are on 127.0.0.1, which TURN refuses by default.
+            args += ["--allow-peer", "127.0.0.0/8"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "p2pserver", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**env, "PYTHONUNBUFFERED": "1"},
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"p2pserver exited {self.proc.returncode}:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                if _get(f"{self.url}/healthz") == 200:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"p2pserver not healthy within 60 s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self) -> int:
+        """SIGTERM, as an operator stopping the service would; returns the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+class ServerFactory:
+    """Starts servers in subdirectories of `root`; kill_all() at the end."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.started: list[ServerProcess] = []
+
+    def __call__(self, *, relay_to_loopback: bool = True) -> ServerProcess:
+        workdir = self.root / f"server{len(self.started)}"
+        workdir.mkdir()
+        process = ServerProcess(workdir, relay_to_loopback=relay_to_loopback)
+        self.started.append(process)
+        process.start()
+        return process
+
+    def kill_all(self) -> None:
+        for process in self.started:
+            process.kill()
+
+
+@dataclass
+class Person:
+    """One person: a fresh browser profile (context) with one page, and its console output."""
+
+    name: str
+    page: Page
+    console: list[str]
+
+
+OpenPerson = Callable[[str], Person]

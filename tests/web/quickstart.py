@@ -1,0 +1,104 @@
+"""The README's quick start, literally: `p2pserver` with no flags, then http://localhost:3000.
+
+Run by test_quick_start.py inside a new network namespace (`unshare --net`) that has only
+loopback: the default ports are free there, and the browsers' direct path can only be loopback.
+Prints what each page shows; exits non-zero (with screenshots in ARTIFACTS) when a step fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from browserkit import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+from playwright.sync_api import Page, expect, sync_playwright
+
+URL = "http://localhost:3000"
+TIMEOUT = 30_000
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphan if we are killed
+
+
+def _wait_healthy(server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert server.poll() is None, "p2pserver exited"
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"{URL}/healthz", timeout=2) as response,
+        ):
+            if response.status == 200:
+                return
+        assert time.monotonic() < deadline, "p2pserver not healthy in 60 s"
+        time.sleep(0.1)
+
+
+def run(pages: dict[str, Page]) -> None:
+    alice, bob = pages["alice"], pages["bob"]
+    alice.goto(URL)
+    alice.get_by_role("button", name="Create a chat").click()  # with a PIN: the default
+    link = alice.get_by_label("Send this link to the other person")
+    expect(link).to_have_value(re.compile(r"^http://localhost:3000/#room=[\w-]{22}$"))
+    pin = alice.locator("#pin-value").inner_text()
+    bob.goto(link.input_value())
+    bob.get_by_label("PIN", exact=True).fill(pin)
+    bob.get_by_role("button", name="Join").click()
+    for name, page in pages.items():
+        expect(page.locator("#status")).to_have_text("Connected to 1 person.", timeout=TIMEOUT)
+        peer = page.locator("#peers li")
+        expect(peer).to_have_attribute("data-path", re.compile(r"\w"), timeout=TIMEOUT)
+        print(f"{name}: {peer.inner_text()}")
+    alice.get_by_role("textbox", name="Message").fill("hello from the quick start")
+    alice.get_by_role("button", name="Send", exact=True).click()
+    expect(bob.locator("#messages")).to_contain_text("Guest 1: hello from the quick start")
+    print("bob got: hello from the quick start")
+
+
+def main() -> int:
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    workdir = Path(tempfile.mkdtemp(prefix="quickstart-"))
+    with (workdir / "server.log").open("wb") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "p2pserver"],  # every default; the database lands in cwd
+            cwd=workdir,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+    pages: dict[str, Page] = {}
+    try:
+        _wait_healthy(server)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            try:
+                for name in ("alice", "bob"):
+                    pages[name] = browser.new_context().new_page()
+                    pages[name].set_default_timeout(TIMEOUT)
+                run(pages)
+            except Exception:
+                ARTIFACTS.mkdir(exist_ok=True)
+                for name, page in pages.items():
+                    with contextlib.suppress(Exception):
+                        page.screenshot(path=ARTIFACTS / f"quickstart-{name}.png")
+                raise
+            finally:
+                browser.close()
+    finally:
+        server.terminate()
+        server.wait(30)
+        print((workdir / "server.log").read_text(errors="replace"), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
