@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 import uvicorn
-from httpkit import Process, Server, StartProcess, StartServer, free_port, wait_until
+from httpkit import Process, Server, StartProcess, StartServer, wait_until
 
+from netkit import free_port
 from p2pserver.app import create_app
 from p2pserver.config import Settings
 from p2pserver.serving import DrainingServer

@@ -131,22 +131,6 @@ class Server:
                 await asyncio.wait_for(ws.close(), 5)
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def free_turn_port() -> int:
-    """A port free for both UDP and TCP (TURN listens on both)."""
-    for _ in range(50):
-        port = free_port(socket.SOCK_DGRAM)
-        with contextlib.suppress(OSError), socket.socket() as tcp:
-            tcp.bind(("127.0.0.1", port))
-            return port
-    raise RuntimeError("no port free for both UDP and TCP")
-
-
 class Process:
     """`python -m p2pserver` as a child process, with its output kept in a file."""
 

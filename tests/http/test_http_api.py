@@ -8,7 +8,9 @@ import sqlite3
 from typing import Any
 
 import pytest
-from httpkit import Server, StartServer, free_turn_port, wait_until
+from httpkit import Server, StartServer, wait_until
+
+from netkit import free_turn_port
 
 ROOM_ID = re.compile(r"[A-Za-z0-9_-]{22,}")
 

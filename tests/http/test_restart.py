@@ -6,8 +6,9 @@ import signal
 import sqlite3
 from pathlib import Path
 
-from httpkit import StartProcess, free_turn_port
+from httpkit import StartProcess
 
+from netkit import free_turn_port
 from p2pserver import credentials
 
 

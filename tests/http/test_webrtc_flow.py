@@ -21,7 +21,9 @@ from aiortc import (
     RTCPeerConnection,
     RTCSessionDescription,
 )
-from httpkit import TIMEOUT, Peer, StartProcess, free_turn_port
+from httpkit import TIMEOUT, Peer, StartProcess
+
+from netkit import free_turn_port
 
 pytestmark = pytest.mark.slow
 

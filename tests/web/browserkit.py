@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from netkit import free_port, free_turn_port
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -54,21 +55,6 @@ def skip_reason() -> str | None:
 # -- the server -------------------------------------------------------------------------------
 
 
-def _free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _free_udp_and_tcp_port() -> int:
-    for _ in range(50):
-        port = _free_port(socket.SOCK_DGRAM)
-        with contextlib.suppress(OSError), socket.socket() as tcp:
-            tcp.bind(("127.0.0.1", port))
-            return port
-    raise RuntimeError("no port free for both UDP and TCP")
-
-
 def _get(url: str, timeout: float = 2.0) -> int:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
     try:
@@ -83,8 +69,8 @@ class ServerProcess:
     """`python -m p2pserver` on 127.0.0.1 with its own ports and database."""
 
     workdir: Path
-    http_port: int = field(default_factory=_free_port)
-    turn_port: int = field(default_factory=_free_udp_and_tcp_port)
+    http_port: int = field(default_factory=free_port)
+    turn_port: int = field(default_factory=free_turn_port)
     relay_to_loopback: bool = True  # False: the production peer policy, loopback refused
     proc: subprocess.Popen[bytes] | None = None
 
@@ -101,7 +87,7 @@ class ServerProcess:
             *("--http-host", "127.0.0.1", "--http-port", str(self.http_port)),
             *("--db", str(self.workdir / "rooms.db"), "--log-level", "info"),
             *("--turn-host", "127.0.0.1", "--turn-port", str(self.turn_port)),
-            *("--tls-port", str(_free_udp_and_tcp_port())),
+            *("--tls-port", str(free_turn_port())),
             "--public-host",
             "127.0.0.1",
         ]

@@ -1,0 +1,22 @@
+"""Free ports on 127.0.0.1 for servers the tests start (tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+
+
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_turn_port() -> int:
+    """A port free for both UDP and TCP (TURN listens on both)."""
+    for _ in range(50):
+        port = free_port(socket.SOCK_DGRAM)
+        with contextlib.suppress(OSError), socket.socket() as tcp:
+            tcp.bind(("127.0.0.1", port))
+            return port
+    raise RuntimeError("no port free for both UDP and TCP")
