@@ -112,3 +112,12 @@ def test_garbage_addresses_are_refused_not_raised() -> None:
     policy = PeerPolicy()
     assert not policy.permits_ip("not-an-ip")
     assert not policy.permits("fe80::1%eth0", 1)
+
+
+def test_an_own_address_learnt_later_is_reachable_on_relay_ports() -> None:
+    policy = PeerPolicy(relay_ports=(50000, 50100))
+    assert not policy.permits("192.168.7.7", 50000)  # cached "no"...
+    policy.add_own("192.168.7.7")
+    assert policy.permits("192.168.7.7", 50000)  # ...forgotten once the address is ours
+    assert policy.permits_ip("192.168.7.7")
+    assert not policy.permits("192.168.7.7", 22)

@@ -319,3 +319,21 @@ async def test_dont_fragment_sets_df_on_the_relay_socket(server: TurnServer) -> 
     if hasattr(socket, "IP_MTU_DISCOVER"):  # Linux
         value = sock.getsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER)
         assert value == socket.IP_PMTUDISC_DO
+
+
+async def test_relay_to_relay_on_a_wildcard_server_with_a_private_address(
+    make_server: ServerFactory,
+) -> None:
+    # Bound to 0.0.0.0 with no --external-ip, the relayed address is the host's own address,
+    # which may be private (a LAN server): other allocations must still reach it.
+    server = await make_server(turn_host="0.0.0.0")
+    _, relayed_a = await allocated(server, "udp")
+    b, _ = await allocated(server, "tcp")
+    assert relayed_a[0] != "0.0.0.0"
+    answer = await b.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": relayed_a})
+    if relayed_a[0].startswith("127."):
+        assert answer.error_code == 403  # a host with no other address: loopback stays denied
+    else:
+        assert answer.message_class == Class.RESPONSE
+    other = await b.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": ("10.255.0.1", 1)})
+    assert other.error_code == 403

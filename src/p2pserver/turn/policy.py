@@ -85,9 +85,22 @@ class PeerPolicy:
         self.relay_ports = relay_ports
         self.listen_ports = frozenset(listen_ports)
         # The server's own relay addresses: reachable on relay ports, never on any other port.
-        self.own = frozenset(canonical(a) for a in own_addresses if not canonical(a).is_unspecified)
+        self.own: set[IPAddress] = set()
+        for address in own_addresses:
+            self.add_own(address)
         self.permits = lru_cache(maxsize=8192)(self._permits)
         self.permits_ip = lru_cache(maxsize=8192)(self._permits_ip)
+
+    def add_own(self, address: str) -> None:
+        """Count `address` as one of this server's relay addresses (learnt at the first
+        allocation when the relay binds to a wildcard and no --external-ip is given)."""
+        ip = canonical(address)
+        if ip.is_unspecified or ip in self.own:
+            return
+        self.own.add(ip)
+        if hasattr(self, "permits"):  # answers cached before may have been "no"
+            self.permits.cache_clear()
+            self.permits_ip.cache_clear()
 
     def _permits_ip(self, address: str) -> bool:
         """CreatePermission installs an IP without a port (RFC 8656 §9)."""

@@ -160,6 +160,7 @@ class TurnServer:
         self._udp: asyncio.DatagramTransport | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.relays: RelayPorts
+        self.policy: PeerPolicy
         self.core: TurnCore
         self.addresses: list[tuple[str, str, int]] = []
 
@@ -174,12 +175,18 @@ class TurnServer:
             return None
 
     def _relayed_ip(self, client: Client) -> str:
-        """XOR-RELAYED-ADDRESS's IP: --external-ip, the relay's own IP, or where the client came."""
+        """XOR-RELAYED-ADDRESS's IP: --external-ip, the relay's own IP, or where the client came.
+
+        Whatever it is, it is this server's own address, so the peer policy lets other
+        allocations reach it (relay to relay) even when it is a private one."""
         s = self.settings
         for candidate in (s.external_ip, self.relays.bind_ip, client.local[0]):
             if candidate and not ipaddress.ip_address(candidate).is_unspecified:
-                return candidate
-        return _primary_ip(":" in self.relays.bind_ip)
+                break
+        else:
+            candidate = _primary_ip(":" in self.relays.bind_ip)
+        self.policy.add_own(candidate)
+        return candidate
 
     async def start(self) -> None:
         s = self.settings
@@ -188,7 +195,7 @@ class TurnServer:
         loop = asyncio.get_running_loop()
         self.relays = RelayPorts(s.turn_relay_ip, s.relay_ports, loop)
         own = [ip for ip in (s.relay_ip, s.external_ip, s.turn_host) if ip]
-        policy = PeerPolicy(
+        self.policy = policy = PeerPolicy(
             allow=s.allow_peers,
             deny=s.deny_peers,
             own_addresses=own,
