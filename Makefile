@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 .PHONY: install run test lint format bench clean
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo 'python3 -m venv failed: on Debian, apt-get install python3-venv' >&2; exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,uvloop]'
 	touch $(STAMP)
