@@ -368,3 +368,19 @@ def test_unauthenticated_requests_create_no_state() -> None:
     wrong = h.request(Method.ALLOCATE, {"REQUESTED-TRANSPORT": 0x11000000}, password="nope")
     assert wrong.error_code == 401
     assert h.relays.opened == [] and len(h.core.table) == 0 and len(h.core.responses) == 0
+
+
+def test_permissions_per_allocation_are_capped_with_508() -> None:
+    h = Harness(max_permissions=2)
+    h.allocate()
+    allocation = next(iter(h.core.table))
+    for ip in ("8.8.8.8", "8.8.4.4"):
+        ok = h.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": (ip, 1)})
+        assert ok.message_class == Class.RESPONSE
+    third = h.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": ("1.1.1.1", 1)})
+    assert third.error_code == 508
+    bind = {"CHANNEL-NUMBER": 0x4000, "XOR-PEER-ADDRESS": ("1.1.1.1", 1)}
+    assert h.request(Method.CHANNEL_BIND, bind).error_code == 508
+    again = h.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": ("8.8.8.8", 2)})
+    assert again.message_class == Class.RESPONSE  # refreshing one we have is always fine
+    assert set(allocation.permissions) == {"8.8.8.8", "8.8.4.4"}

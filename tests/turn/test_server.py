@@ -337,3 +337,33 @@ async def test_relay_to_relay_on_a_wildcard_server_with_a_private_address(
         assert answer.message_class == Class.RESPONSE
     other = await b.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": ("10.255.0.1", 1)})
     assert other.error_code == 403
+
+
+async def test_unused_reservation_expires_and_frees_its_port(server: TurnServer) -> None:
+    client = await connect(server, "udp")
+    await client.login(USER, PASSWORD)
+    answer = await client.allocate(even_port=True)
+    token = answer.attributes["RESERVATION-TOKEN"]
+    (sock, _) = server.relays.reservations[token]
+    server.core.expire(time.time() + 31)  # RFC 8656 §7.2: held about 30 s
+    assert token not in server.relays.reservations
+    assert sock.fileno() == -1  # the port is free again
+    late = await connect(server, "udp")
+    await late.login(USER, PASSWORD)
+    assert (await late.allocate(reservation_token=token)).error_code == 508
+
+
+async def test_tcp_connection_that_never_allocates_is_closed_when_idle(
+    server: TurnServer,
+) -> None:
+    from p2pserver.turn.server import TCP_IDLE_TIMEOUT
+
+    idle = await connect(server, "tcp")
+    busy, _ = await allocated(server, "tcp")
+    assert (await idle.request(Method.BINDING, sign=False)).message_class == Class.RESPONSE
+    later = time.monotonic() + TCP_IDLE_TIMEOUT + 1
+    idle_conns = [c for c in server.connections if c.idle(later)]
+    assert len(idle_conns) == 1  # the one without an allocation
+    server.close_idle(later)
+    await asyncio.wait_for(idle.protocol.closed.wait(), 5)  # type: ignore[union-attr]
+    assert (await busy.request(Method.REFRESH)).message_class == Class.RESPONSE

@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import socket
+import time
 from collections.abc import Callable
 
 from p2pserver.turn.allocation import Address, NoCapacity
@@ -126,7 +127,7 @@ class RelayPorts:
                     sock.close()
                     continue
                 token = os.urandom(8)
-                self.reservations[token] = (partner, self.loop.time() + RESERVATION_LIFETIME)
+                self.reservations[token] = (partner, time.time() + RESERVATION_LIFETIME)
             if dont_fragment:
                 _set_dont_fragment(sock)
             return RelaySocket(sock, self.loop), token
@@ -139,9 +140,8 @@ class RelayPorts:
         return RelaySocket(entry[0], self.loop)
 
     def expire(self, now: float) -> None:
-        """`now` is ignored: reservations run on the loop's monotonic clock."""
-        t = self.loop.time()
-        for token in [k for k, (_, exp) in self.reservations.items() if exp <= t]:
+        """Close reservations not taken in time (`now` is time.time(), as in TurnCore)."""
+        for token in [k for k, (_, exp) in self.reservations.items() if exp <= now]:
             self.reservations.pop(token)[0].close()
 
     def close(self) -> None:

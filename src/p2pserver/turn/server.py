@@ -250,12 +250,15 @@ class TurnServer:
             await asyncio.sleep(SWEEP_INTERVAL)
             try:
                 self.core.expire(time.time())
-                now = time.monotonic()
-                for connection in [c for c in self.connections if c.idle(now)]:
-                    if connection.transport is not None:
-                        connection.transport.close()
+                self.close_idle(time.monotonic())
             except Exception:
                 log.exception("expiry sweep failed")
+
+    def close_idle(self, now: float) -> None:
+        """Close TCP/TLS connections that have had no allocation for TCP_IDLE_TIMEOUT."""
+        for connection in [c for c in self.connections if c.idle(now)]:
+            if connection.transport is not None:
+                connection.transport.close()
 
     async def stop(self) -> None:
         if self._sweeper is not None:
