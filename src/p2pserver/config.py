@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -51,7 +51,6 @@ class Settings:
     software: str = "p2pserver"
 
     log_level: str = "info"
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def turn_relay_ip(self) -> str:

@@ -21,12 +21,6 @@ _HDR = struct.Struct("!HH")
 _XOR_V4 = struct.Struct("!HHBBH4s")  # type, length, reserved, family, x-port, x-address
 
 
-def is_channel_data(data: bytes) -> bool:
-    """RFC 8656 §12: ChannelData starts with 0b01; channels are 0x4000-0x4FFF (0x5000-0x7FFF
-    are reserved, so a first byte of 0x50-0x7F is dropped like any other garbage)."""
-    return 0x40 <= data[0] <= 0x4F
-
-
 def channel_data(channel: int, payload: bytes, pad: bool) -> bytes:
     """A ChannelData message; over TCP and TLS padded to 4 bytes (RFC 8656 §12.5)."""
     head = _HDR.pack(channel, len(payload))

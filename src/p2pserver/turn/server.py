@@ -67,7 +67,9 @@ class UdpListener(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
         if len(addr) > 2:
             addr = addr[:2]  # IPv6 sockets add flowinfo and scope
-        if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:  # ChannelData: the hot path
+        # ChannelData (RFC 8656 §12: channels 0x4000-0x4FFF), the hot path; anything else
+        # with a first byte of 0x50-0xFF is garbage that TurnCore drops.
+        if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
             allocation = self.allocations.get(("udp", addr, self.local))
             if allocation is not None:
                 allocation.from_client_channel(data)
