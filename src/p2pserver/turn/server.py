@@ -55,7 +55,6 @@ class RateLimitedLog:
 class UdpListener(asyncio.DatagramProtocol):
     def __init__(self, server: TurnServer) -> None:
         self.server = server
-        self.core = server.core
         self.allocations = server.core.table.by_tuple
         self.transport: asyncio.DatagramTransport | None = None
         self.local: Address = ("0.0.0.0", 0)
