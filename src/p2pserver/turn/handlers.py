@@ -7,6 +7,7 @@ keeps no other I/O, so everything here runs in unit tests without an event loop.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -74,7 +75,7 @@ class TurnCore:
         policy: PeerPolicy,
         secret: str | None = None,
         nonces: Nonces | None = None,
-        relayed_ip: Callable[[Client], str] | None = None,
+        fallback_ip: str = "127.0.0.1",
     ) -> None:
         self.settings = settings
         self.relays = relays
@@ -85,8 +86,7 @@ class TurnCore:
         self.responses = ResponseCache()
         self.responder = stun.Responder(settings.software)
         self.stats = Stats()
-        # The address put in XOR-RELAYED-ADDRESS: --external-ip, else what the server decides.
-        self._relayed_ip = relayed_ip or (lambda client: settings.external_ip or client.local[0])
+        self.fallback_ip = fallback_ip  # see relayed_ip()
         # Requests on an existing allocation (RFC 8656 §7.3, §10, §11): 437 without one.
         self._on_allocation: dict[int, Callable[[Request, Allocation, Client, float], bytes]] = {
             Method.REFRESH: self.refresh,
@@ -225,7 +225,7 @@ class TurnCore:
             username=username,
             key=key,
             relay=relay,
-            relayed_address=(self._relayed_ip(client), relay.address[1]),
+            relayed_address=(self.relayed_ip(client), relay.address[1]),
             expires=now + lifetime,
             send_to_client=client.send,
             permits=self.policy.permits,
@@ -251,6 +251,21 @@ class TurnCore:
         if additional is not None:  # RFC 8656 §7.2: IPv6 not served, say so per family
             answer["ADDRESS-ERROR-CODE"] = bytes((2, 0, 4, 40)) + b"Address Family not Supported"
         return self.responder.success(request, answer, key)
+
+    def relayed_ip(self, client: Client) -> str:
+        """XOR-RELAYED-ADDRESS's IP: --external-ip, else the relay's bind address, else the
+        address the client reached, else the host's primary address (`fallback_ip`).
+
+        Whatever it is, it is this server's own, so the peer policy lets other allocations
+        reach it (relay to relay) even when it is a private address."""
+        s = self.settings
+        chosen = next(
+            ip
+            for ip in (s.external_ip, s.turn_relay_ip, client.local[0], self.fallback_ip)
+            if ip and not ipaddress.ip_address(ip).is_unspecified
+        )
+        self.policy.add_own(chosen)
+        return chosen
 
     def refresh(
         self, request: Request, allocation: Allocation, client: Client, now: float
@@ -321,9 +336,8 @@ class TurnCore:
             self.stats.dropped += 1
             return
         (ip, port), payload = parsed
+        # A permitted IP is of the relay's family: CreatePermission checked that (443).
         if ip not in allocation.permissions or not self.policy.permits(ip, port):
-            return
-        if _family(ip) != allocation.relay.family:
             return
         allocation.relay.sendto(payload, (ip, port))
         allocation.relayed_out += len(payload)

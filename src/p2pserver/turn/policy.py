@@ -80,27 +80,34 @@ class PeerPolicy:
         listen_ports: Iterable[int] = (),
     ) -> None:
         self.allow = tuple(allow)
-        self.deny = DEFAULT_DENY + tuple(deny)
-        self.extra_deny = tuple(deny)
+        self.deny = tuple(deny)  # added to DEFAULT_DENY, and beats --allow-peer
         self.relay_ports = relay_ports
         self.listen_ports = frozenset(listen_ports)
         # The server's own relay addresses: reachable on relay ports, never on any other port.
-        self.own: set[IPAddress] = set()
-        for address in own_addresses:
-            self.add_own(address)
-        self.permits = lru_cache(maxsize=8192)(self._permits)
-        self.permits_ip = lru_cache(maxsize=8192)(self._permits_ip)
+        self.own = {ip for ip in map(canonical, own_addresses) if not ip.is_unspecified}
+        # Every relayed datagram asks; the answers only change through the methods below.
+        self._caches = (
+            lru_cache(maxsize=8192)(self._permits),
+            lru_cache(maxsize=8192)(self._permits_ip),
+        )
+        self.permits, self.permits_ip = self._caches
 
     def add_own(self, address: str) -> None:
-        """Count `address` as one of this server's relay addresses (learnt at the first
-        allocation when the relay binds to a wildcard and no --external-ip is given)."""
+        """Count `address` as one of this server's relay addresses (the relayed address it
+        hands out, learnt at the first allocation when the relay binds to a wildcard)."""
         ip = canonical(address)
-        if ip.is_unspecified or ip in self.own:
-            return
-        self.own.add(ip)
-        if hasattr(self, "permits"):  # answers cached before may have been "no"
-            self.permits.cache_clear()
-            self.permits_ip.cache_clear()
+        if not ip.is_unspecified and ip not in self.own:
+            self.own.add(ip)
+            self._forget()
+
+    def listen_on(self, ports: Iterable[int]) -> None:
+        """The ports the server's listeners got (port 0 is only known after binding)."""
+        self.listen_ports = frozenset(ports)
+        self._forget()
+
+    def _forget(self) -> None:
+        for cache in self._caches:
+            cache.cache_clear()
 
     def _permits_ip(self, address: str) -> bool:
         """CreatePermission installs an IP without a port (RFC 8656 §9)."""
@@ -126,11 +133,13 @@ class PeerPolicy:
         return port != 0 and self._open(ip)
 
     def _open(self, ip: IPAddress) -> bool:
-        if any(ip in net for net in self.extra_deny if net.version == ip.version):
+        if _within(ip, self.deny):
             return False  # an operator's --deny-peer beats --allow-peer
-        if self._allowed(ip):
-            return True
-        return not any(ip in net for net in self.deny if net.version == ip.version)
+        return self._allowed(ip) or not _within(ip, DEFAULT_DENY)
 
     def _allowed(self, ip: IPAddress) -> bool:
-        return any(ip in net for net in self.allow if net.version == ip.version)
+        return _within(ip, self.allow)
+
+
+def _within(ip: IPAddress, networks: tuple[IPNetwork, ...]) -> bool:
+    return any(ip in net for net in networks if net.version == ip.version)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import ipaddress
 import logging
 import socket
 import ssl
@@ -175,20 +174,6 @@ class TurnServer:
             log.debug("handler failure", exc_info=True)
             return None
 
-    def _relayed_ip(self, client: Client) -> str:
-        """XOR-RELAYED-ADDRESS's IP: --external-ip, the relay's own IP, or where the client came.
-
-        Whatever it is, it is this server's own address, so the peer policy lets other
-        allocations reach it (relay to relay) even when it is a private one."""
-        s = self.settings
-        for candidate in (s.external_ip, self.relays.bind_ip, client.local[0]):
-            if candidate and not ipaddress.ip_address(candidate).is_unspecified:
-                break
-        else:
-            candidate = _primary_ip(":" in self.relays.bind_ip)
-        self.policy.add_own(candidate)
-        return candidate
-
     async def start(self) -> None:
         s = self.settings
         if not (s.users or self.secret):
@@ -203,7 +188,9 @@ class TurnServer:
             relay_ports=s.relay_ports,
             listen_ports={s.turn_port, s.tls_port},
         )
-        self.core = TurnCore(s, self.relays, policy, self.secret, relayed_ip=self._relayed_ip)
+        # Where relays are announced when they bind to a wildcard and nothing else says.
+        fallback_ip = _primary_ip(":" in s.turn_relay_ip)
+        self.core = TurnCore(s, self.relays, policy, self.secret, fallback_ip=fallback_ip)
         # Port 0 (tests) picks a free UDP port, which TCP may find taken: then try another.
         for attempt in range(1 if s.turn_port else 20):
             try:
@@ -213,7 +200,7 @@ class TurnServer:
                 await self.stop()
                 if s.turn_port or exc.errno != errno.EADDRINUSE or attempt == 19:
                     raise
-        policy.listen_ports = frozenset(port for _, _, port in self.addresses)
+        policy.listen_on(port for _, _, port in self.addresses)
         self._sweeper = asyncio.create_task(self._sweep())
         for transport_name, host, port in self.addresses:
             log.info("STUN/TURN listening on %s %s:%d", transport_name, host, port)
