@@ -32,6 +32,7 @@ class RecordingRelay:
         self.family = family
         self.address: Address = ("192.0.2.10", port)
         self.sent: list[tuple[bytes, Address]] = []
+        self.dropped = 0
         self.closed = False
         self.on_datagram: Callable[[bytes, Address], None] | None = None
 

@@ -217,6 +217,9 @@ async def test_channel_data_both_ways(open_server: TurnServer, peer: Peer, trans
         assert number == 0x4321 and raw[4 : 4 + length] == payload[::-1]
         if transport == "tcp":
             assert len(raw) % 4 == 0  # padded on streams (RFC 8656 §12.5)
+    sent = sum((1, 3, 100, 1201))
+    stats = open_server.stats()
+    assert stats["relayed_bytes_out"] == stats["relayed_bytes_in"] == sent
 
 
 async def test_peer_without_permission_is_not_relayed(open_server: TurnServer, peer: Peer) -> None:

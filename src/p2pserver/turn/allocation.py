@@ -31,6 +31,7 @@ class Relay(Protocol):
 
     family: int  # 1 = IPv4, 2 = IPv6, as in STUN address attributes
     address: Address  # where it is bound
+    dropped: int  # datagrams the OS would not send
 
     def start(self, on_datagram: Callable[[bytes, Address], None]) -> None: ...
 

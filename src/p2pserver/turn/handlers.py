@@ -197,7 +197,7 @@ class TurnCore:
         if additional is not None and additional != 2:
             return error(400, "ADDITIONAL-ADDRESS-FAMILY must be IPv6")
         family = family or 1
-        if family not in (1, 2) or family not in self.relays.families:
+        if family not in self.relays.families:
             return error(440)
         quota = self.table.quota_error(username)
         if quota is not None:

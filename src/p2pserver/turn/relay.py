@@ -114,8 +114,6 @@ class RelayPorts:
     def open(
         self, family: int, *, even_port: bool, reserve_next: bool, dont_fragment: bool
     ) -> tuple[RelaySocket, bytes | None]:
-        if family not in self.families:
-            raise NoCapacity("address family not served")
         for port in self._candidates(even_port or reserve_next):
             sock = self._bind(port)
             if sock is None:

@@ -284,6 +284,10 @@ class TurnServer:
             "unauthenticated": core.stats.unauthenticated,
             "dropped": core.stats.dropped,
             "internal_errors": self.internal_errors,
+            # Of the allocations alive now: bytes relayed each way, datagrams the OS refused.
+            "relayed_bytes_in": sum(a.relayed_in for a in core.table),
+            "relayed_bytes_out": sum(a.relayed_out for a in core.table),
+            "relay_send_drops": sum(a.relay.dropped for a in core.table),
         }
 
 
