@@ -45,6 +45,19 @@ async def _next_signal(peer: Peer) -> dict[str, Any]:
     return message
 
 
+async def _pass_description(
+    sender: Peer, pc_sender: RTCPeerConnection, receiver: Peer, pc_receiver: RTCPeerConnection
+) -> RTCSessionDescription:
+    """Send the sender's local description through the signaling; the receiver applies it."""
+    description = pc_sender.localDescription
+    data = {"type": description.type, "sdp": description.sdp}
+    await sender.send({"type": "signal", "to": receiver.id, "data": data})
+    received = await _next_signal(receiver)
+    assert received["from"] == sender.id
+    await pc_receiver.setRemoteDescription(RTCSessionDescription(**received["data"]))
+    return description
+
+
 def _candidate_types(sdp: str) -> set[str]:
     return set(re.findall(r"a=candidate:.* typ (\w+)", sdp))
 
@@ -102,23 +115,9 @@ async def test_two_aiortc_peers_talk_through_builtin_turn(
 
         # Bob, the newcomer, offers; aiortc gathers every candidate before the SDP is ready.
         await pc_bob.setLocalDescription(await pc_bob.createOffer())
-        offer = pc_bob.localDescription
-        await bob.send(
-            {"type": "signal", "to": alice.id, "data": {"type": offer.type, "sdp": offer.sdp}}
-        )
-
-        received = await _next_signal(alice)
-        assert received["from"] == bob.id
-        await pc_alice.setRemoteDescription(RTCSessionDescription(**received["data"]))
+        offer = await _pass_description(bob, pc_bob, alice, pc_alice)
         await pc_alice.setLocalDescription(await pc_alice.createAnswer())
-        answer = pc_alice.localDescription
-        await alice.send(
-            {"type": "signal", "to": bob.id, "data": {"type": answer.type, "sdp": answer.sdp}}
-        )
-
-        received = await _next_signal(bob)
-        assert received["from"] == alice.id
-        await pc_bob.setRemoteDescription(RTCSessionDescription(**received["data"]))
+        answer = await _pass_description(alice, pc_alice, bob, pc_bob)
 
         # Relay only: every candidate either side offered is a TURN relay on 127.0.0.1.
         for sdp in (offer.sdp, answer.sdp):

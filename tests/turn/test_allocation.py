@@ -151,7 +151,15 @@ def test_allocate_validation_errors() -> None:
     both = {"EVEN-PORT": False, "RESERVATION-TOKEN": b"12345678"}
     assert h.allocate(**both).error_code == 400
     assert h.allocate(**{"RESERVATION-TOKEN": b"nosuchtk"}).error_code == 508
+    families = {"REQUESTED-ADDRESS-FAMILY": 1, "ADDITIONAL-ADDRESS-FAMILY": 2}
+    assert h.allocate(**families).error_code == 400  # RFC 8656 §7.2: one or the other
+    assert h.allocate(**{"ADDITIONAL-ADDRESS-FAMILY": 1}).error_code == 400  # must be IPv6
     assert h.relays.opened == []  # no state for any of them
+
+
+def test_allocate_with_lifetime_zero_gets_the_default() -> None:
+    h = Harness()
+    assert h.allocate(LIFETIME=0).attributes["LIFETIME"] == 600
 
 
 def test_even_port_with_reservation_then_allocate_with_the_token() -> None:
@@ -303,6 +311,7 @@ def test_channel_bind_rules() -> None:
     def bind(number: int, peer: Address) -> Message:
         return h.request(Method.CHANNEL_BIND, {"CHANNEL-NUMBER": number, "XOR-PEER-ADDRESS": peer})
 
+    assert bind(0x4000, ("2001:4860::1", 1)).error_code == 443  # IPv6 peer, IPv4 relay
     assert bind(0x3FFF, PEER).error_code == 400
     assert bind(0x5000, PEER).error_code == 400
     assert h.request(Method.CHANNEL_BIND, {"CHANNEL-NUMBER": 0x4000}).error_code == 400
