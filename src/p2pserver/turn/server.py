@@ -139,8 +139,7 @@ class StreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        if self.client is not None:
-            self.core.drop_client(self.client.five_tuple)
+        self.core.drop_client(self.five_tuple)  # a no-op before connection_made
         self.transport = None
 
     def idle(self, now: float) -> bool:
