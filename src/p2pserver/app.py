@@ -27,7 +27,7 @@ from p2pserver.config import Settings
 from p2pserver.ice import url_host
 from p2pserver.ratelimit import SlidingWindow
 from p2pserver.rooms import RoomStore
-from p2pserver.signaling import Hub
+from p2pserver.signaling import Hub, client_address
 
 log = logging.getLogger("p2pserver.app")
 
@@ -63,7 +63,7 @@ def check_settings(settings: Settings) -> None:
         if getattr(settings, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     for name in ("room_ttl", "ws_messages_per_second", "ws_join_timeout", "pin_lockout"):
-        if getattr(settings, name) <= 0:
+        if not getattr(settings, name) > 0:  # `<= 0` would let NaN through
             problems.append(f"--{name.replace('_', '-')} must be positive")
     if settings.public_host is not None and url_host(settings.public_host) is None:
         problems.append(f"--public-host {settings.public_host!r} is not a host name or IP")
@@ -113,10 +113,6 @@ async def _read_body(request: Request) -> bytes | None:
     return b"".join(chunks)
 
 
-def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
-
-
 async def create_chat(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     limiter: SlidingWindow = request.app.state.create_limiter
@@ -127,7 +123,7 @@ async def create_chat(request: Request) -> Response:
         with_pin, max_peers = _parse_create(body, settings)
     except _BadRequest as exc:
         return _error(400, "bad-request", str(exc))
-    address, now = _client(request), time.monotonic()
+    address, now = client_address(request), time.monotonic()
     if not limiter.allowed(address, now):
         wait = max(1, round(limiter.retry_after(address, now) + 0.5))
         return _error(
@@ -208,7 +204,9 @@ async def _server_error(request: Request, exc: Exception) -> Response:
     return _error(500, "internal", "internal server error")
 
 
-async def sweep_forever(hub: Hub, store: RoomStore, interval: float) -> None:
+async def sweep_forever(
+    hub: Hub, store: RoomStore, create_limiter: SlidingWindow, interval: float
+) -> None:
     """Keep rooms with connected peers fresh, delete idle ones, forget old rate-limit entries."""
     while True:
         await asyncio.sleep(interval)
@@ -216,6 +214,7 @@ async def sweep_forever(hub: Hub, store: RoomStore, interval: float) -> None:
             await store.touch(hub.active_rooms(), time.time())
             deleted = await store.sweep(time.time())
             hub.prune(asyncio.get_running_loop().time())
+            create_limiter.prune(time.monotonic())  # the clock create_chat uses
             if deleted:
                 log.info("expired %d idle room(s)", deleted)
         except Exception:  # keep sweeping; a transient DB error must not end expiry for good
@@ -239,7 +238,9 @@ def create_app(settings: Settings) -> Starlette:
                 await turn.start()
                 app.state.turn = turn
             interval = min(60.0, max(1.0, settings.room_ttl / 10))
-            sweeper = asyncio.create_task(sweep_forever(hub, store, interval))
+            sweeper = asyncio.create_task(
+                sweep_forever(hub, store, app.state.create_limiter, interval)
+            )
             try:
                 yield
             finally:

@@ -233,24 +233,11 @@ async def serve_turn_only(settings: Settings) -> None:
 
 
 async def serve_all(settings: Settings) -> None:
-    import uvicorn
-
     from p2pserver.app import create_app
-    from p2pserver.serving import DrainingServer
+    from p2pserver.serving import DrainingServer, uvicorn_config
 
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.http_host,
-        port=settings.http_port,
-        log_level=settings.log_level,
-        access_log=False,
-        proxy_headers=True,
-        ws_max_size=settings.ws_max_message + 1024,
-        timeout_graceful_shutdown=5,
-        lifespan="on",
-    )
-    server = DrainingServer(config, drain=app.state.hub.close_all)
+    server = DrainingServer(uvicorn_config(app, settings), drain=app.state.hub.close_all)
     await server.serve()
     if not server.started:
         raise SystemExit(1)

@@ -12,6 +12,8 @@ from collections.abc import Awaitable, Callable, Generator
 
 import uvicorn
 
+from p2pserver.config import Settings
+
 _ROOM_PATH = re.compile(r"^/(ws|check-chat)/[^/?]*")
 
 
@@ -32,6 +34,21 @@ def redact_room_ids() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactRoomIds) for f in logger.filters):
             logger.addFilter(RedactRoomIds())
+
+
+def uvicorn_config(app: object, settings: Settings, **overrides: object) -> uvicorn.Config:
+    """uvicorn as this app needs it: the frame limit behind 1009, proxy headers, 5 s drain."""
+    options: dict[str, object] = {
+        "host": settings.http_host,
+        "port": settings.http_port,
+        "log_level": settings.log_level,
+        "access_log": False,
+        "proxy_headers": True,
+        "ws_max_size": settings.ws_max_message + 1024,
+        "timeout_graceful_shutdown": 5,
+        "lifespan": "on",
+    }
+    return uvicorn.Config(app, **{**options, **overrides})  # type: ignore[arg-type]
 
 
 class DrainingServer(uvicorn.Server):

@@ -12,6 +12,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from p2pserver import messages as m
@@ -50,16 +51,16 @@ class Connection:
         self.finished = asyncio.Event()
         rate = settings.ws_messages_per_second
         self.bucket = TokenBucket(rate, max(MIN_BURST, rate), now)
-        self.errors = SlidingWindow(max(1, settings.ws_max_errors), ERROR_WINDOW)
+        self.errors = SlidingWindow(settings.ws_max_errors, ERROR_WINDOW)  # >= 1: check_settings
         self._queue: asyncio.Queue[str | _Close] = asyncio.Queue()
         self._queued_bytes = 0
         self._max_bytes = max(MIN_QUEUED_BYTES, 16 * settings.ws_max_message)
 
-    def send(self, message: dict[str, Any]) -> bool:
-        """Queue a message; False when the backlog is over its bound (the caller drops the peer)."""
+    def send(self, message: dict[str, Any] | str) -> bool:
+        """Queue a message (or its encoding); False when the backlog is over its bound."""
         if self.dead:
             return True
-        text = m.encode(message)
+        text = message if isinstance(message, str) else m.encode(message)
         if (
             self._queue.qsize() >= MAX_QUEUED_ITEMS
             or self._queued_bytes + len(text) > self._max_bytes
@@ -81,7 +82,9 @@ class Connection:
                 self._queue.get_nowait()
             self._queued_bytes = 0
         if error is not None:
-            self._queue.put_nowait(m.encode(m.error(error)))
+            text = m.encode(m.error(error))
+            self._queued_bytes += len(text)  # the writer takes it off again
+            self._queue.put_nowait(text)
         self._queue.put_nowait(_Close(code, reason))
 
     async def run_writer(self) -> None:
@@ -97,6 +100,11 @@ class Connection:
             pass  # the client went away; the reader sees the disconnect and cleans up
 
 
+def client_address(connection: HTTPConnection) -> str:
+    """The address limits count by (X-Forwarded-For from a trusted proxy, as uvicorn reads it)."""
+    return connection.client.host if connection.client else "unknown"
+
+
 def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     # Browsers always send Origin on WebSockets; other clients may not, and CORS never applied
     # to them anyway.
@@ -110,6 +118,8 @@ class Hub:
         self.settings = settings
         self.store: RoomStore | None = None  # set by the app's lifespan
         self.secret = ""  # TURN REST API secret, set by the app's lifespan
+        # check_settings guarantees --public-host is a host name or IP.
+        self._public_host = url_host(settings.public_host) if settings.public_host else None
         self.rooms: dict[str, dict[str, Connection]] = {}
         self.connections: set[Connection] = set()
         self.closing = False
@@ -134,15 +144,15 @@ class Hub:
         self._room_failures.prune(now)
         self._address_failures.prune(now)
 
-    async def close_all(self, code: int = m.CLOSE_GOING_AWAY, timeout: float = 5.0) -> None:
-        """Refuse new peers, close every socket with `code`, wait for them to finish."""
+    async def close_all(self) -> None:
+        """Refuse new peers, close every socket with 1001 (going away), wait for them (5 s)."""
         self.closing = True
         conns = list(self.connections)
         for conn in conns:
-            conn.close(code, "server shutting down", flush=False)
+            conn.close(m.CLOSE_GOING_AWAY, "server shutting down", flush=False)
         waits = [asyncio.create_task(conn.finished.wait()) for conn in conns]
         if waits:
-            _, pending = await asyncio.wait(waits, timeout=timeout)
+            _, pending = await asyncio.wait(waits, timeout=5.0)
             for task in pending:
                 task.cancel()
 
@@ -154,7 +164,7 @@ class Hub:
             return
         await ws.accept()
         loop = asyncio.get_running_loop()
-        address = ws.client.host if ws.client else "unknown"
+        address = client_address(ws)
         conn = Connection(ws, address, self.settings, loop.time())
         writer = asyncio.create_task(conn.run_writer())
         counted = False
@@ -209,7 +219,10 @@ class Hub:
         self, conn: Connection, room_id: str, frame: MutableMapping[str, Any]
     ) -> None:
         text: str | None = frame.get("text")
-        size = len(text.encode()) if text is not None else len(frame.get("bytes") or b"")
+        if text is not None:  # isascii() is O(1): most frames need no UTF-8 copy to be measured
+            size = len(text) if text.isascii() else len(text.encode())
+        else:
+            size = len(frame.get("bytes") or b"")
         limit = self.settings.ws_max_message
         if not conn.bucket.take(asyncio.get_running_loop().time()):
             return self._reject(conn, m.RATE_LIMITED)
@@ -294,13 +307,12 @@ class Hub:
             ),
         }
         self._deliver(conn, welcome)
-        for other in others:
-            self._deliver(other, {"type": "peer-joined", "peerId": peer_id})
+        self._broadcast(others, {"type": "peer-joined", "peerId": peer_id})
         await self._store().touch([room.id], time.time())
 
     def _ice_host(self, ws: WebSocket) -> str:
-        if self.settings.public_host:  # checked at startup (app.check_settings)
-            return url_host(self.settings.public_host) or "localhost"
+        if self._public_host is not None:
+            return self._public_host
         host = host_from_header(ws.headers.get("host", ""))
         if host is None:  # no usable Host header: the address the client reached us on
             server = ws.scope.get("server")
@@ -320,12 +332,20 @@ class Hub:
         target = self.rooms.get(conn.room_id, {}).get(to)
         if target is None or target is conn:
             return self._reject(conn, m.UNKNOWN_PEER)
-        self._deliver(target, {"type": "signal", "from": conn.peer_id, "data": message["data"]})
+        try:  # json.dumps recurses deeper than json.loads did: data parsed may not encode
+            text = m.encode({"type": "signal", "from": conn.peer_id, "data": message["data"]})
+        except RecursionError:
+            return self._reject(conn, m.BAD_MESSAGE, "nested too deeply")
+        self._deliver(target, text)
 
-    def _deliver(self, conn: Connection, message: dict[str, Any]) -> None:
+    def _broadcast(self, conns: list[Connection], message: dict[str, Any]) -> None:
+        text = m.encode(message)  # once, not once per recipient
+        for conn in conns:
+            self._deliver(conn, text)
+
+    def _deliver(self, conn: Connection, message: dict[str, Any] | str) -> None:
         if not conn.send(message):
-            conn.close(m.TOO_SLOW.close or 1008, m.TOO_SLOW.code, error=m.TOO_SLOW, flush=False)
-            self._leave(conn)
+            self._fatal(conn, m.TOO_SLOW, flush=False)
 
     def _reject(self, conn: Connection, code: m.ErrorCode, detail: str | None = None) -> None:
         """Answer a non-fatal error; a peer that keeps causing them is closed."""
@@ -335,9 +355,9 @@ class Hub:
         if not conn.errors.allowed("", now):
             self._fatal(conn, m.TOO_MANY_ERRORS)
 
-    def _fatal(self, conn: Connection, code: m.ErrorCode) -> None:
+    def _fatal(self, conn: Connection, code: m.ErrorCode, *, flush: bool = True) -> None:
         assert code.close is not None
-        conn.close(code.close, code.code, error=code)
+        conn.close(code.close, code.code, error=code, flush=flush)
         self._leave(conn)
 
     def _leave(self, conn: Connection) -> None:
@@ -350,8 +370,7 @@ class Hub:
         if not peers:
             del self.rooms[conn.room_id]
         elif not self.closing:
-            for other in list(peers.values()):
-                self._deliver(other, {"type": "peer-left", "peerId": conn.peer_id})
+            self._broadcast(list(peers.values()), {"type": "peer-left", "peerId": conn.peer_id})
 
     def _store(self) -> RoomStore:
         if self.store is None:

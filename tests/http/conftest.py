@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from httpkit import Process, Server, StartProcess, StartServer, wait_until
 
 from netkit import free_port
 from p2pserver.app import create_app
 from p2pserver.config import Settings
-from p2pserver.serving import DrainingServer
+from p2pserver.serving import DrainingServer, uvicorn_config
 
 
 @pytest.fixture
@@ -36,14 +35,7 @@ async def start_server(tmp_path: Path) -> AsyncIterator[StartServer]:
         values.update(overrides)
         settings = Settings(**values)
         app = create_app(settings)
-        config = uvicorn.Config(
-            app,
-            log_level="warning",
-            proxy_headers=True,  # as in cli: X-Forwarded-For from 127.0.0.1 names the client
-            ws_max_size=settings.ws_max_message + 1024,
-            timeout_graceful_shutdown=5,
-            lifespan="on",
-        )
+        config = uvicorn_config(app, settings, log_level="warning")  # as cli.serve_all runs it
         server = DrainingServer(config, drain=app.state.hub.close_all)
         task = asyncio.create_task(server.serve(sockets=[sock]))
         await wait_until(lambda: server.started or task.done())

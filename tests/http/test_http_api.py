@@ -239,3 +239,21 @@ async def test_lifespan_runs_turn_and_healthz_reports_it(start_server: StartServ
     # The TURN server holds its UDP port while the app runs.
     with pytest.raises(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", turn_port))
+
+
+def test_nan_settings_are_refused() -> None:
+    from p2pserver.app import create_app
+    from p2pserver.config import Settings
+
+    for name in ("ws_messages_per_second", "room_ttl", "pin_lockout", "ws_join_timeout"):
+        with pytest.raises(ValueError, match=name.replace("_", "-")):
+            create_app(Settings(**{name: float("nan")}))
+
+
+async def test_sweep_forgets_old_create_limits(start_server: StartServer) -> None:
+    import time
+
+    server = await start_server(room_ttl=1.0)  # sweeps every second
+    limiter = server.app.state.create_limiter
+    limiter.hit("192.0.2.99", time.monotonic() - 120)
+    await wait_until(lambda: len(limiter) == 0)

@@ -85,9 +85,13 @@ async def test_turn_secret_is_generated_once(tmp_path: Path) -> None:
 
 
 async def test_get_rejects_malformed_ids(tmp_path: Path) -> None:
-    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=60)
-    assert await store.get("'; DROP TABLE rooms; --", now=0) is None
-    assert await store.get("", now=0) is None
+    path = tmp_path / "a.db"
+    store = await RoomStore.open(str(path), ttl=60)
+    bad = ["'; DROP TABLE rooms; --", "", "x" * 65]
+    with sqlite3.connect(path) as db:  # rows the shape check must keep get() from reaching
+        db.executemany("INSERT INTO rooms VALUES (?, NULL, 2, 0, 0)", [(b,) for b in bad])
+    for room_id in bad:
+        assert await store.get(room_id, now=0) is None, room_id
     await store.close()
 
 

@@ -13,7 +13,7 @@ from websockets.exceptions import InvalidStatus
 
 from p2pserver import credentials
 from p2pserver.config import Settings
-from p2pserver.signaling import Connection, Hub
+from p2pserver.signaling import MAX_QUEUED_ITEMS, Connection, Hub
 
 
 async def test_join_room_without_pin(server: Server) -> None:
@@ -319,7 +319,7 @@ async def test_connections_per_address(start_server: StartServer) -> None:
     await first.ws.close()
     await wait_until(lambda: server.app.state.hub.stats()["connections"] == 2)
     again = await server.join(room_id)  # a slot of the address is free again
-    assert first.id not in again.welcome["peers"]
+    assert again.welcome["peers"] == [other.id]
 
 
 async def test_ice_servers_in_welcome(start_server: StartServer) -> None:
@@ -422,16 +422,21 @@ class _StuckWebSocket:
         self.closed_with = (code, reason or "")
 
 
-async def test_slow_receiver_is_dropped_without_blocking_the_sender() -> None:
-    settings = Settings(ws_max_message=1024)
+def _two_stuck_peers(settings: Settings | None = None) -> tuple[Hub, Connection, Connection]:
+    """A hub with sender "s" and target "t" in one room, neither with a writer running."""
+    settings = settings or Settings()
     hub = Hub(settings)
-    loop = asyncio.get_running_loop()
-    sender = Connection(_StuckWebSocket(), "192.0.2.1", settings, loop.time())  # type: ignore[arg-type]
-    stuck_ws = _StuckWebSocket()
-    stuck = Connection(stuck_ws, "192.0.2.2", settings, loop.time())  # type: ignore[arg-type]
+    now = asyncio.get_running_loop().time()
+    sender = Connection(_StuckWebSocket(), "192.0.2.1", settings, now)  # type: ignore[arg-type]
+    target = Connection(_StuckWebSocket(), "192.0.2.2", settings, now)  # type: ignore[arg-type]
     sender.peer_id, sender.room_id = "s", "room"
-    stuck.peer_id, stuck.room_id = "t", "room"
-    hub.rooms["room"] = {"s": sender, "t": stuck}
+    target.peer_id, target.room_id = "t", "room"
+    hub.rooms["room"] = {"s": sender, "t": target}
+    return hub, sender, target
+
+
+async def test_slow_receiver_is_dropped_without_blocking_the_sender() -> None:
+    hub, sender, stuck = _two_stuck_peers(Settings(ws_max_message=1024))
     # Sending never awaits the receiver: signals pile up until the 1 MiB bound trips.
     sent = 0
     while not stuck.dead and sent < 2048:
@@ -442,7 +447,7 @@ async def test_slow_receiver_is_dropped_without_blocking_the_sender() -> None:
     assert "t" not in hub.rooms["room"]
     assert not sender.dead
     # The stuck peer's backlog is dropped; what is left is the too-slow error and the close.
-    stuck._queue.get_nowait()  # no writer ran: nothing was sent yet
+    assert json.loads(stuck._queue.get_nowait())["code"] == "too-slow"  # no writer ran
     closing = stuck._queue.get_nowait()
     assert getattr(closing, "code", None) == 4420
 
@@ -460,3 +465,30 @@ async def test_server_fault_closes_only_that_peer_with_1011(server: Server) -> N
     await b.send({"type": "join"})
     assert await b.closed() == 1011
     await a.alive()
+
+
+async def test_empty_pin_is_pin_required(server: Server) -> None:
+    room_id, _ = await server.create_room(withPin=True)
+    peer = await server.connect(room_id)
+    await peer.send({"type": "join", "pin": ""})
+    await peer.expect_error("pin-required")
+    assert await peer.closed() == 4401
+
+
+async def test_message_count_bound_drops_a_slow_peer() -> None:
+    hub, sender, stuck = _two_stuck_peers()
+    for _ in range(MAX_QUEUED_ITEMS):
+        hub._signal(sender, {"type": "signal", "to": "t", "data": 1})
+    assert not stuck.dead  # 1024 tiny messages: far below the byte bound
+    hub._signal(sender, {"type": "signal", "to": "t", "data": 1})
+    assert stuck.dead and "t" not in hub.rooms["room"]
+
+
+async def test_data_too_deep_to_relay_is_bad_message_not_a_fault() -> None:
+    hub, sender, target = _two_stuck_peers()
+    deep: object = None
+    for _ in range(100_000):
+        deep = [deep]
+    hub._signal(sender, {"type": "signal", "to": "t", "data": deep})
+    assert json.loads(sender._queue.get_nowait())["code"] == "bad-message"
+    assert not sender.dead and target._queue.empty()
