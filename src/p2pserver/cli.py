@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from p2pserver.config import Settings
+from p2pserver.logs import configure_logging
 
 log = logging.getLogger("p2pserver")
 
@@ -165,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"]
     )
+    p.add_argument(
+        "--log-format",
+        default=d.log_format,
+        choices=["text", "json"],
+        help="text for a terminal, json for one object per line (text)",
+    )
     return p
 
 
@@ -224,6 +231,7 @@ async def serve_turn_only(settings: Settings) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):  # before start: it logs that we are ready
         loop.add_signal_handler(sig, stop.set)
     server = TurnServer(settings)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     await server.start()
     try:
         await stop.wait()
@@ -237,6 +245,12 @@ async def serve_all(settings: Settings) -> None:
     from p2pserver.serving import DrainingServer, uvicorn_config
 
     app = create_app(settings)
+
+    def reload_tls() -> None:  # the TURN server lives in the app's lifespan, if it runs yet
+        if app.state.turn is not None:
+            app.state.turn.reload_tls()
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_tls)
     server = DrainingServer(uvicorn_config(app, settings), drain=app.state.hub.close_all)
     await server.serve()
     if not server.started:
@@ -245,10 +259,7 @@ async def serve_all(settings: Settings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     main_task = serve_all(settings) if settings.http else serve_turn_only(settings)
     with contextlib.suppress(KeyboardInterrupt):
         try:

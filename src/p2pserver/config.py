@@ -51,6 +51,7 @@ class Settings:
     software: str = "p2pserver"
 
     log_level: str = "info"
+    log_format: str = "text"  # or "json": one object per line (docs/operations.md)
 
     @property
     def turn_relay_ip(self) -> str:

@@ -42,6 +42,7 @@ def uvicorn_config(app: object, settings: Settings, **overrides: object) -> uvic
         "host": settings.http_host,
         "port": settings.http_port,
         "log_level": settings.log_level,
+        "log_config": None,  # uvicorn's records go through our root handler (logs.py)
         "access_log": False,
         "proxy_headers": True,
         "ws_max_size": settings.ws_max_message + 1024,

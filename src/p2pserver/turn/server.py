@@ -157,6 +157,7 @@ class TurnServer:
         self.connections: set[StreamConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: asyncio.DatagramTransport | None = None
+        self._tls: ssl.SSLContext | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.relays: RelayPorts
         self.policy: PeerPolicy
@@ -226,6 +227,7 @@ class TurnServer:
         if s.tls_cert and s.tls_key:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(s.tls_cert, s.tls_key)
+            self._tls = context
             tls = await loop.create_server(
                 lambda: StreamConnection(self, "tls"), s.turn_host, s.tls_port, ssl=context
             )
@@ -246,6 +248,26 @@ class TurnServer:
         for connection in [c for c in self.connections if c.idle(now)]:
             if connection.transport is not None:
                 connection.transport.close()
+
+    def reload_tls(self) -> bool:
+        """Load --tls-cert/--tls-key again (SIGHUP): new handshakes get the new certificate.
+
+        Connections already open keep the session they negotiated. The files are tried in a
+        scratch context first, so a half-written or mismatched pair leaves the old one in use.
+        """
+        s = self.settings
+        if self._tls is None or not (s.tls_cert and s.tls_key):
+            return False
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+                s.tls_cert, s.tls_key
+            )
+            self._tls.load_cert_chain(s.tls_cert, s.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("TLS certificate not reloaded, keeping the old one: %s", exc)
+            return False
+        log.info("TLS certificate reloaded from %s", s.tls_cert)
+        return True
 
     async def stop(self) -> None:
         if self._sweeper is not None:
