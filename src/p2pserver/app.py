@@ -159,6 +159,8 @@ async def healthz(request: Request) -> Response:
             stats = None
         turn_ok = stats is not None
         body["turn"] = {"enabled": True, "running": turn_ok, "stats": stats or {}}
+        if turn is not None:  # reported, not part of the status: see docs/operations.md
+            body["turn"]["selfTest"] = turn.self_test.report()
     body["status"] = "ok" if db_ok and turn_ok else "down"
     return JSONResponse(body, 200 if db_ok and turn_ok else 503)
 

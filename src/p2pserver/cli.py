@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     turn.add_argument("--user-quota", type=int, default=d.user_quota, help="allocations per user")
     turn.add_argument("--max-allocations", type=int, default=d.max_allocations)
     turn.add_argument("--max-permissions", type=int, default=d.max_permissions)
+    turn.add_argument(
+        "--no-self-test",
+        dest="self_test",
+        action="store_false",
+        help="skip the relay self-test at start-up (docs/operations.md)",
+    )
 
     p.add_argument(
         "--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"]
@@ -258,6 +264,11 @@ async def serve_all(settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check"]:  # `p2pserver check [URL]`: the relay self-test, as a client
+        from p2pserver.check import main as check
+
+        return check(argv[1:])
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
     main_task = serve_all(settings) if settings.http else serve_turn_only(settings)

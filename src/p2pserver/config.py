@@ -49,6 +49,9 @@ class Settings:
     max_allocations: int = 10000
     max_permissions: int = 128
     software: str = "p2pserver"
+    # The relay self-test at start-up (selftest.py). The CLI turns it on (--no-self-test turns it
+    # off); servers embedded in other programs and tests start without it.
+    self_test: bool = False
 
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line (docs/operations.md)

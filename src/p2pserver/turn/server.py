@@ -17,6 +17,7 @@ from functools import partial
 from typing import cast
 
 from p2pserver.config import Settings
+from p2pserver.selftest import SelfTest
 from p2pserver.turn.allocation import Address, FiveTuple
 from p2pserver.turn.framing import FramingError, StreamFramer
 from p2pserver.turn.handlers import Client, TurnCore
@@ -163,6 +164,7 @@ class TurnServer:
         self.policy: PeerPolicy
         self.core: TurnCore
         self.addresses: list[tuple[str, str, int]] = []
+        self.self_test = SelfTest(settings, self.secret)
 
     def handle(self, data: bytes, client: Client) -> bytes | None:
         """TurnCore.handle, but a bug in it costs one message, never the listener."""
@@ -206,6 +208,8 @@ class TurnServer:
             log.info("STUN/TURN listening on %s %s:%d", transport_name, host, port)
         low, high = s.relay_ports
         log.info("relays on %s ports %d-%d, realm %r", s.turn_relay_ip, low, high, s.realm)
+        if s.self_test:
+            self.self_test.start(self.addresses)
 
     async def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
         s = self.settings
@@ -270,6 +274,7 @@ class TurnServer:
         return True
 
     async def stop(self) -> None:
+        await self.self_test.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

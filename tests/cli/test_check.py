@@ -1,0 +1,143 @@
+"""`p2pserver check` and the start-up self-test, against real servers on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from netkit import free_turn_port
+from serverlog import TIMEOUT, Server
+from tlskit import self_signed
+
+HERE = Path(__file__).parent
+
+
+def run_check(url: str) -> tuple[int, str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "p2pserver", "check", url, "--timeout", "3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+async def start(tmp_path: Path, *extra: str) -> tuple[Server, str]:
+    """A whole server on loopback: HTTP on port 0, TURN on a port the iceServers can name."""
+    for _ in range(5):  # a TURN port taken meanwhile by another test: try another
+        server = Server(
+            [
+                "--http-host", "127.0.0.1", "--http-port", "0",
+                "--turn-host", "127.0.0.1", "--turn-port", str(free_turn_port()),
+                "--db", str(tmp_path / "rooms.db"), *extra,
+            ],
+            tmp_path / "server.log",
+        )  # fmt: skip
+        try:
+            match = await server.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
+            return server, match[1]
+        except AssertionError:
+            if "address already in use" not in server.text().lower():
+                raise
+            server.stop()
+    raise AssertionError("no free TURN port in 5 tries")
+
+
+async def self_test_report(base: str) -> dict:
+    """The self-test as /healthz reports it, once it has finished."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        with urllib.request.urlopen(f"{base}/healthz", timeout=5) as response:
+            report = json.load(response)["turn"]["selfTest"]
+        if report["status"] != "running" or time.monotonic() > deadline:
+            return dict(report)
+        time.sleep(0.1)
+
+
+async def test_check_passes_against_a_healthy_server_on_every_transport(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    tls_port = free_turn_port()
+    server, base = await start(
+        tmp_path,
+        "--allow-peer", "127.0.0.0/8",
+        "--tls-cert", cert, "--tls-key", key, "--tls-port", str(tls_port),
+    )  # fmt: skip
+    try:
+        status, output = run_check(base)
+        report = await self_test_report(base)
+    finally:
+        assert server.stop() == 0
+    assert status == 0, output
+    lines = output.splitlines()
+    assert lines[0].startswith("stun ") and " ok " in lines[0], output
+    for transport in ("udp", "tcp", "tls"):
+        line = next(line for line in lines if line.startswith(f"{transport} "))
+        assert " ok " in line and "relay-relay" in line and "relay-peer" in line, output
+    assert lines[-1].startswith("verdict: ok"), output
+    # The server tested itself at start-up: each listener, relay to relay, over loopback.
+    assert report["status"] == "ok", report
+    assert {(c["via"], c["transport"]) for c in report["checks"]} == {
+        ("loopback", "udp"),
+        ("loopback", "tcp"),
+        ("loopback", "tls"),
+    }
+    assert "relay self-test ok" in server.text()
+
+
+async def test_check_blames_a_wrong_external_ip(tmp_path: Path) -> None:
+    # Relays bind 127.0.0.1 but are announced as 127.0.0.2, where nothing answers: as a
+    # server behind NAT whose --external-ip is not its public address.
+    server, base = await start(
+        tmp_path,
+        "--allow-peer", "127.0.0.0/8", "--relay-ip", "127.0.0.1", "--external-ip", "127.0.0.2",
+    )  # fmt: skip
+    try:
+        status, output = run_check(base)
+        report = await self_test_report(base)
+    finally:
+        assert server.stop() == 0
+    assert status == 1, output
+    udp = next(line for line in output.splitlines() if line.startswith("udp "))
+    assert "FAIL" in udp and "127.0.0.2:" in udp and "unreachable from here" in udp, output
+    assert "--external-ip" in udp, output
+    assert "verdict: FAIL" in output
+    assert report["status"] == "failed" and "--external-ip" in report["reason"], report
+    assert "relay self-test FAILED" in server.text()
+
+
+def test_check_says_when_udp_to_the_turn_port_is_blocked(tmp_path: Path) -> None:
+    """In a network namespace of its own, a firewall drops UDP to 3478; TCP still works."""
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("iptables")):
+        if os.environ.get("CI"):
+            pytest.fail("CI needs root, unshare and iptables (apt-get install iptables)")
+        pytest.skip("needs root, unshare and iptables for a network namespace with a firewall")
+    script = (
+        "ip link set lo up && iptables -A INPUT -p udp --dport 3478 -j DROP && "
+        f'exec "{sys.executable}" "{HERE / "blocked_check.py"}" "{tmp_path}"'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
+    result = subprocess.run(
+        ["unshare", "--net", "--fork", "--kill-child", "--", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    lines = output.splitlines()
+    stun = next(line for line in lines if line.startswith("stun "))
+    udp = next(line for line in lines if line.startswith("udp "))
+    tcp = next(line for line in lines if line.startswith("tcp "))
+    assert "FAIL" in stun and "UDP 3478 is open" in stun, output
+    assert "FAIL" in udp and "no answer" in udp and "UDP 3478" in udp, output
+    assert " ok " in tcp and "relay-peer" in tcp, output  # TCP gets through the same firewall
+    assert "verdict: FAIL: stun, udp" in output, output
