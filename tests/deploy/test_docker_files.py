@@ -151,7 +151,7 @@ def test_dockerignore_keeps_the_build_context_small() -> None:
     lines = (ROOT / ".dockerignore").read_text().split()
     assert lines[lines.index("*") :][:4] == ["*", "!pyproject.toml", "!README.md", "!src/"]
     copied = {shlex.split(args)[0] for args in instructions("COPY")}
-    assert copied == {"pyproject.toml", "src"}  # README.md goes along in the first COPY
+    assert copied == {"pyproject.toml", "src"}  # README.md and LICENSE go along in the first COPY
 
 
 def _healthcheck_command() -> list[str]:
