@@ -61,7 +61,7 @@ def health_url(sockname: tuple[Any, ...]) -> str:
     # A wildcard bind answers on loopback; a specific address answers only there.
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     if ":" in host:
-        host = f"[{host.split('%')[0]}]"
+        host = f"[{host}]"
     return f"http://{host}:{port}/healthz"
 
 

@@ -235,3 +235,11 @@ def test_healthcheck_reports_an_unhealthy_server_with_the_reason(tmp_path: Path)
         [*_healthcheck_command(), str(health)], env=env, capture_output=True, text=True
     )
     assert gone.returncode == 1 and gone.stdout.startswith(f"unhealthy: {url}: "), gone.stdout
+
+
+def test_health_url_points_where_the_server_answers() -> None:
+    from p2pserver.serving import health_url
+
+    assert health_url(("0.0.0.0", 3000)) == "http://127.0.0.1:3000/healthz"
+    assert health_url(("::", 8080, 0, 0)) == "http://[::1]:8080/healthz"
+    assert health_url(("10.1.2.3", 80)) == "http://10.1.2.3:80/healthz"
