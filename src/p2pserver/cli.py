@@ -136,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument(
         "--pin-lockout", type=_duration, default=d.pin_lockout, help="PIN lock-out window (300s)"
     )
+    http.add_argument(
+        "--health-file",
+        default=None,
+        help="write the /healthz URL here once listening (the container's HEALTHCHECK reads it)",
+    )
 
     turn = p.add_argument_group("STUN/TURN")
     turn.add_argument("--no-turn", dest="turn", action="store_false", help="do not serve STUN/TURN")
@@ -257,10 +262,41 @@ async def serve_all(settings: Settings) -> None:
             app.state.turn.reload_tls()
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_tls)
-    server = DrainingServer(uvicorn_config(app, settings), drain=app.state.hub.close_all)
+    server = DrainingServer(
+        uvicorn_config(app, settings),
+        drain=app.state.hub.close_all,
+        health_file=settings.health_file,
+    )
     await server.serve()
     if not server.started:
         raise SystemExit(1)
+
+
+def database_problem(path: str) -> str | None:
+    """Why SQLite could not create or write `path` as this user, and what to do; None if it can.
+
+    A container whose /data is a bind mount of a root-owned directory is the usual case:
+    SQLite only says "unable to open database file".
+    """
+    if path in ("", ":memory:"):
+        return None
+    file = os.path.abspath(path)
+    directory = os.path.dirname(file)
+    if not os.path.isdir(directory):
+        return f"cannot create {file}: no directory {directory}"
+    # WAL mode writes FILE-wal and FILE-shm beside the file: the directory must be writable too.
+    if os.access(directory, os.W_OK | os.X_OK) and (
+        not os.path.exists(file) or os.access(file, os.R_OK | os.W_OK)
+    ):
+        return None
+    uid, owner = os.getuid(), os.stat(directory).st_uid
+    problem = (
+        f"cannot write {file} as uid {uid}: make {directory} and its files writable for uid "
+        f"{uid} (`chown -R {uid} {directory}`; in a container, on the host directory mounted there)"
+    )
+    if owner != 0:
+        problem += f", or run as their owner (docker/podman run --user {owner})"
+    return problem
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -270,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return check(argv[1:])
     settings = parse_settings(argv)
+    if settings.http and (problem := database_problem(settings.db)):
+        print(f"p2pserver: error: {problem}", file=sys.stderr)
+        return 1
     configure_logging(settings.log_level, settings.log_format)
     main_task = serve_all(settings) if settings.http else serve_turn_only(settings)
     with contextlib.suppress(KeyboardInterrupt):

@@ -29,6 +29,7 @@ class Settings:
     ws_max_errors: int = 50
     pin_attempts: int = 5
     pin_lockout: float = 300.0
+    health_file: str | None = None  # where to write the /healthz URL once listening
 
     # STUN/TURN side
     turn: bool = True

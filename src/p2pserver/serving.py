@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import signal
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Generator
+from typing import Any
 
 import uvicorn
 
 from p2pserver.config import Settings
+
+log = logging.getLogger("p2pserver")
 
 _ROOM_PATH = re.compile(r"^/(ws|check-chat)/[^/?]*")
 
@@ -52,6 +56,27 @@ def uvicorn_config(app: object, settings: Settings, **overrides: object) -> uvic
     return uvicorn.Config(app, **{**options, **overrides})  # type: ignore[arg-type]
 
 
+def health_url(sockname: tuple[Any, ...]) -> str:
+    """The /healthz URL a check on this host uses for a socket bound to `sockname`."""
+    host, port = sockname[0], sockname[1]
+    # A wildcard bind answers on loopback; a specific address answers only there.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}/healthz"
+
+
+def write_health_file(path: str, url: str) -> None:
+    """Tell `python -m p2pserver.healthcheck` where to look (the port may be a flag)."""
+    try:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as file:
+            file.write(url + "\n")
+        os.replace(tmp, path)  # never a half-written file for a concurrent check
+    except OSError as exc:
+        log.warning("cannot write the health file %s: %s", path, exc)
+
+
 class DrainingServer(uvicorn.Server):
     """Close the app's WebSockets with 1001 (going away) before uvicorn's own shutdown.
 
@@ -59,12 +84,28 @@ class DrainingServer(uvicorn.Server):
     lifespan shutdown, so the app gets no say in the close code unless it goes first.
     """
 
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        drain: Callable[[], Awaitable[None]],
+        health_file: str | None = None,
+    ) -> None:
         super().__init__(config)
         self._drain = drain
+        self._health_file = health_file
         redact_room_ids()
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._health_file:
+            listening = [s.getsockname() for server in self.servers for s in server.sockets]
+            if listening:
+                write_health_file(self._health_file, health_url(listening[0]))
+
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._health_file:  # draining is not healthy: a check from now on fails fast
+            with contextlib.suppress(OSError):
+                os.unlink(self._health_file)
         for server in self.servers:  # stop accepting before saying goodbye
             server.close()
         await self._drain()

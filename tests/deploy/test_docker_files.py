@@ -103,18 +103,19 @@ def test_environment_is_valid_options_and_matches_the_defaults() -> None:
     assert settings.http_port == defaults.http_port == 3000
     assert settings.turn_port == defaults.turn_port == 3478
     assert settings.http_host == settings.turn_host == "0.0.0.0"
-    assert settings.relay_ports == (49160, 49200)
+    # Not narrowed: with host networking the whole default range is there (docs/deploy.md).
+    assert settings.relay_ports == defaults.relay_ports
+    assert settings.health_file and settings.health_file.startswith("/tmp/")  # writable by p2p
 
 
 def test_exposed_ports_are_the_ones_served() -> None:
     settings = image_settings()
-    low, high = settings.relay_ports
     exposed = set(" ".join(instructions("EXPOSE")).split())
+    # The relay range is the operator's to choose and publish: not in EXPOSE.
     assert exposed == {
         f"{settings.http_port}/tcp",
         f"{settings.turn_port}/udp",
         f"{settings.turn_port}/tcp",
-        f"{low}-{high}/udp",
     }
 
 
@@ -138,11 +139,10 @@ def test_compose_publishes_what_the_image_exposes() -> None:
         host, container = str(mapping).rsplit(":", 1)[-2:]
         assert host.split(":")[-1] == container.split("/")[0], mapping  # same port outside
         published.add(container)
-    assert published == exposed
-
     env = {k: str(v) for k, v in service["environment"].items()}
     assert {k for k in env if k.startswith("P2P_")} <= option_variables()
-    assert env["P2P_RELAY_PORTS"] == dockerfile_env()["P2P_RELAY_PORTS"]
+    # Published ports: the relay range must be narrowed to exactly the published one.
+    assert published == exposed | {env["P2P_RELAY_PORTS"] + "/udp"}
     assert "P2P_EXTERNAL_IP" in env  # needed on a Docker bridge network (docs/deploy.md)
     assert any(str(volume).endswith(":/data") for volume in service["volumes"])
 
@@ -151,29 +151,35 @@ def test_dockerignore_keeps_the_build_context_small() -> None:
     lines = (ROOT / ".dockerignore").read_text().split()
     assert lines[lines.index("*") :][:4] == ["*", "!pyproject.toml", "!README.md", "!src/"]
     copied = {shlex.split(args)[0] for args in instructions("COPY")}
-    assert copied == {"pyproject.toml", "src"}  # README.md goes along in the first COPY
+    assert copied == {"pyproject.toml", "src"}  # README.md and LICENSE go along in the first COPY
 
 
 def _healthcheck_command() -> list[str]:
     (healthcheck,) = instructions("HEALTHCHECK")
     command = json.loads(healthcheck.split("CMD", 1)[1])
-    assert command[:2] == ["python", "-c"]
-    return [sys.executable, "-c", command[2]]
+    assert command == ["python", "-m", "p2pserver.healthcheck"]
+    return [sys.executable, *command[1:]]
 
 
 @pytest.mark.slow
-def test_healthcheck_command_passes_on_a_healthy_server_and_fails_without_one(
-    tmp_path: Path,
-) -> None:
+def test_healthcheck_follows_a_port_given_as_a_flag(tmp_path: Path) -> None:
+    """The user's case: P2P_HTTP_PORT says one port, `--http-port` another; the flag wins."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
-    env["P2P_HTTP_PORT"] = str(port)
+    env.update({k: v for k, v in dockerfile_env().items() if k.startswith("P2P_")})
+    env["P2P_HEALTH_FILE"] = str(tmp_path / "health")  # the image's /tmp path, here
+    env["P2P_DB"] = str(tmp_path / "rooms.db")
     check = _healthcheck_command()
-    assert subprocess.run(check, env=env, capture_output=True, timeout=30).returncode != 0
 
-    args = ["--no-turn", "--http-host", "127.0.0.1", "--db", str(tmp_path / "rooms.db")]
+    def run_check() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(check, env=env, capture_output=True, text=True, timeout=30)
+
+    before = run_check()
+    assert before.returncode == 1 and before.stdout.startswith("unhealthy: not listening")
+
+    args = ["--no-turn", "--http-host", "127.0.0.1", "--http-port", str(port)]
     server = subprocess.Popen(
         [sys.executable, "-m", "p2pserver", *args, "--log-level", "warning"],
         env=env,
@@ -182,11 +188,58 @@ def test_healthcheck_command_passes_on_a_healthy_server_and_fails_without_one(
     )
     try:
         deadline = time.monotonic() + 60
-        while subprocess.run(check, env=env, capture_output=True, timeout=30).returncode != 0:
+        while (result := run_check()).returncode != 0:
             assert server.poll() is None, "p2pserver exited"
-            assert time.monotonic() < deadline, "healthcheck never passed"
+            assert time.monotonic() < deadline, f"healthcheck never passed: {result.stdout}"
             time.sleep(0.2)
+        assert result.stdout == f"healthy: http://127.0.0.1:{port}/healthz answered 200\n"
     finally:
         server.terminate()
         server.wait(30)
-    assert subprocess.run(check, env=env, capture_output=True, timeout=30).returncode != 0
+    assert server.returncode == 0
+    after = run_check()
+    assert after.returncode == 1, after.stdout  # the file went with the server
+
+
+def test_healthcheck_reports_an_unhealthy_server_with_the_reason(tmp_path: Path) -> None:
+    """A 503 from /healthz, and a server that is gone, both fail the check with a reason."""
+    import http.server
+    import threading
+
+    class Down(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.end_headers()
+            self.wfile.write(b'{"status":"down"}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Down)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    health = tmp_path / "health"
+    url = f"http://127.0.0.1:{httpd.server_port}/healthz"
+    health.write_text(url + "\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
+    try:
+        down = subprocess.run(
+            [*_healthcheck_command(), str(health)], env=env, capture_output=True, text=True
+        )
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert down.returncode == 1
+    assert down.stdout == f'unhealthy: {url} answered 503: {{"status":"down"}}\n'
+    gone = subprocess.run(
+        [*_healthcheck_command(), str(health)], env=env, capture_output=True, text=True
+    )
+    assert gone.returncode == 1 and gone.stdout.startswith(f"unhealthy: {url}: "), gone.stdout
+
+
+def test_health_url_points_where_the_server_answers() -> None:
+    from p2pserver.serving import health_url
+
+    assert health_url(("0.0.0.0", 3000)) == "http://127.0.0.1:3000/healthz"
+    assert health_url(("::", 8080, 0, 0)) == "http://[::1]:8080/healthz"
+    assert health_url(("10.1.2.3", 80)) == "http://10.1.2.3:80/healthz"
