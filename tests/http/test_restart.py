@@ -29,7 +29,9 @@ async def test_room_survives_sigkill_and_restart(
     assert checked.json() == {"pin": True, "private": True}
     second = await server.join(room_id, pin)
     assert second.welcome["peers"] == []
-    assert second.welcome["iceTransportPolicy"] == "relay"  # the room stayed private  # first's connection died with the old process
+    assert (
+        second.welcome["iceTransportPolicy"] == "relay"
+    )  # the room stayed private  # first's connection died with the old process
 
     wrong = await server.connect(room_id)
     await wrong.send({"type": "join", "pin": f"{(int(pin) + 1) % 10**6:06d}"})
