@@ -193,9 +193,11 @@ def phone(browser: Browser, request: pytest.FixtureRequest) -> Iterator[Callable
             context.close()
 
 
-def create_room(page: Page, server: ServerProcess, *, private: bool, query: str = "") -> str:
+def create_room(
+    page: Page, server: ServerProcess, *, private: bool, query: str = "", pin: bool = False
+) -> str:
     page.goto(f"{server.url}/{query}")
-    page.get_by_label("Protect it with a PIN").set_checked(False)
+    page.get_by_label("Protect it with a PIN").set_checked(pin)
     page.get_by_label(
         "Hide our IP addresses from each other (calls go through this server)"
     ).set_checked(private)
@@ -264,8 +266,13 @@ def test_a_client_ignoring_the_policy_learns_no_address(
     """The protection is the honest browser's own policy: Mallory's client gathers host
     candidates regardless (and sends them), yet receives nothing but Alice's relay ones."""
     alice, mallory = record(people("alice")), record(people("mallory"), ignore_policy=True)
-    link = create_room(alice.page, server, private=True)
-    join(mallory.page, link)
+    link = create_room(alice.page, server, private=True, pin=True)
+    pin = alice.page.locator("#pin-value").inner_text()
+    mallory.page.goto(link)
+    # check-chat said "private": the joining page tells before anyone joins.
+    expect(mallory.page.locator("#join-private")).to_contain_text("This is a private chat")
+    mallory.page.get_by_label("PIN", exact=True).fill(pin)
+    mallory.page.get_by_role("button", name="Join").click()
     expect_connected(alice.page, "private: relayed")
     expect_connected(mallory.page, "relayed")
     expect(alice.page.locator("#peers li")).to_have_attribute("data-local", "relay")
