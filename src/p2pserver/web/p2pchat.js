@@ -40,35 +40,41 @@ const BLOB_BATCH = 16 * 1024 * 1024; // fold received chunks into a Blob this of
  */
 
 /**
- * Events, by name: what `detail` holds.
- * @typedef {object} P2PChatEvents
- * @property {{peerId: string, peers: string[], private: boolean, iceTransportPolicy: RTCIceTransportPolicy}} joined
- * @property {{peerId: string}} peer-joined
- * @property {{peerId: string}} peer-left
- * @property {{peerId: string, state: RTCPeerConnectionState, retrying: boolean}} peer-state
- *   retrying: an ICE restart follows a failure
- * @property {{peerId: string}} peer-open    the chat channel is open: text and files can go
- * @property {{peerId: string}} peer-closed  the chat channel closed (peer gone, connection lost)
- * @property {PeerPath} peer-path            from getStats' selected candidate pair
- * @property {{peerId: string, text: string}} message
- * @property {{peerId: string, id: string, direction: 'in'|'out', name: string, size: number}} file-start
- * @property {{peerId: string, id: string, direction: 'in'|'out', bytes: number, size: number, buffered?: number}} file-progress
- * @property {{peerId: string, id: string, name: string, size: number, mime: string, blob: Blob, verified: boolean|null}} file-received
- * @property {{peerId: string, id: string, verified: boolean|null}} file-sent
- * @property {{peerId: string, id: string, direction: 'in'|'out', code: string, reason: string}} file-failed
- *   code: cancelled, interrupted, too-large, size-mismatch, hash-mismatch, bad-header
- * @property {{peerId: string, video: boolean}} call-incoming   answer with acceptCall/declineCall
- * @property {{peerId: string}} call-accepted  they accepted: our media goes to them now
- * @property {{peerId: string}} call-declined
- * @property {{peerId: string}} call-ended     they hung up (our media to them stopped too)
- * @property {{}} call-idle   no call any more: our camera and microphone were released
- * @property {{peerId: string, stream: MediaStream}} remote-stream
- * @property {{peerId: string}} remote-stream-ended
- * @property {{code: number, reason: string, error: object|null}} disconnected
- *   the signaling WebSocket closed (server gone, network lost); not sent after leave()
- * @property {{code: string, message: string}} warning  a non-fatal signaling error
- * @property {{code: string, peerId: string|null, message: string, error?: unknown}} error
- *   code: negotiation-failed, signal-failed, send-failed, bad-frame, call-failed
+ * Events, by name: what `detail` holds. Every peer event also carries `peerId`.
+ * @typedef {{
+ *   'joined': {peerId: string, peers: string[], private: boolean, iceTransportPolicy: RTCIceTransportPolicy},
+ *   'peer-joined': {peerId: string},
+ *   'peer-left': {peerId: string},
+ *   'peer-state': {peerId: string, state: RTCPeerConnectionState, retrying: boolean},
+ *   'peer-open': {peerId: string},
+ *   'peer-closed': {peerId: string},
+ *   'peer-path': PeerPath,
+ *   'message': {peerId: string, text: string},
+ *   'file-start': {peerId: string, id: string, direction: 'in'|'out', name: string, size: number},
+ *   'file-progress': {peerId: string, id: string, direction: 'in'|'out', bytes: number, size: number, buffered?: number},
+ *   'file-received': {peerId: string, id: string, name: string, size: number, mime: string, blob: Blob, verified: boolean|null},
+ *   'file-sent': {peerId: string, id: string, verified: boolean|null},
+ *   'file-failed': {peerId: string, id: string, direction: 'in'|'out', code: string, reason: string},
+ *   'call-incoming': {peerId: string, video: boolean},
+ *   'call-accepted': {peerId: string},
+ *   'call-declined': {peerId: string},
+ *   'call-ended': {peerId: string},
+ *   'call-idle': {},
+ *   'remote-stream': {peerId: string, stream: MediaStream},
+ *   'remote-stream-ended': {peerId: string},
+ *   'disconnected': {code: number, reason: string, error: object|null},
+ *   'warning': {code: string, message: string},
+ *   'error': {code: string, peerId: string|null, message: string, error?: unknown},
+ * }} P2PChatEvents
+ *
+ * peer-state: retrying means an ICE restart follows a failure. peer-open: the chat channel is
+ * open, text and files can go; peer-closed: it closed. peer-path: from getStats' selected
+ * candidate pair. file-failed codes: cancelled, interrupted, too-large, size-mismatch,
+ * hash-mismatch, bad-header. call-incoming: answer with acceptCall() or declineCall();
+ * call-accepted: our media goes to them now; call-ended: they hung up; call-idle: no call any
+ * more, our camera and microphone were released. disconnected: the signaling WebSocket closed
+ * (server gone, network lost), never after leave(). warning: a non-fatal signaling error.
+ * error codes: negotiation-failed, signal-failed, send-failed, bad-frame, call-failed.
  */
 
 export class JoinError extends Error {
@@ -269,6 +275,7 @@ class PeerLink {
   async reportPath(retries = 3) {
     const stats = await this.pc.getStats().catch(() => null);
     if (!stats || this.closed) return;
+    /** @type {any} */
     let pair = null;
     stats.forEach((report) => {
       if (report.type === 'transport' && report.selectedCandidatePairId) {
@@ -578,6 +585,7 @@ export class P2PChat extends EventTarget {
   /**
    * Create a room. maxPeers (2 to the server's --max-room-peers) defaults to the server's;
    * private: everyone in it gathers relay candidates only, so nobody learns another's address.
+   * @param {{server?: string, withPin?: boolean, maxPeers?: number, private?: boolean}} [options]
    * @returns {Promise<{roomId: string, pin: string|null}>}
    */
   static async createRoom({ server = location.origin, withPin = false, maxPeers, private: priv } = {}) {
@@ -592,6 +600,7 @@ export class P2PChat extends EventTarget {
 
   /**
    * Whether the room is there, asks for a PIN, and is private.
+   * @param {{server?: string, roomId: string}} options
    * @returns {Promise<{exists: boolean, pin: boolean, private: boolean}>}
    */
   static async checkRoom({ server = location.origin, roomId }) {
