@@ -322,6 +322,10 @@ def test_call_ring_decline_accept_hang_up(
     # Accepted: each side sees the other's video (frames keep decoding) large, itself small.
     alice.page.get_by_role("button", name="Start call").click()
     expect(incoming).to_contain_text("Guest 1 is calling")
+    expect(incoming.get_by_role("button", name="Audio only")).to_be_visible()
+    no_horizontal_scroll(bob.page)
+    buttons_reachable(bob.page)
+    screenshot(bob.page, "incoming-call-360")
     incoming.get_by_role("button", name="Join with camera and microphone").click()
     expect(incoming).to_be_hidden()
     for person in (alice, bob):

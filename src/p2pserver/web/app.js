@@ -310,6 +310,7 @@ class RoomView {
 
   async startCall() {
     $('call').disabled = true;
+    $('incoming').hidden = true; // a call from them that rings now is accepted by this
     if ($('notice').dataset.kind === 'info') notice(null); // "declined" and the like are old news
     try {
       await this.chat.startCall();
