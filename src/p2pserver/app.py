@@ -81,8 +81,8 @@ class _BadRequest(Exception):
     pass
 
 
-def _parse_create(body: bytes, settings: Settings) -> tuple[bool, int]:
-    """(withPin, maxPeers) from a create-chat body; an empty body means all defaults."""
+def _parse_create(body: bytes, settings: Settings) -> tuple[bool, int, bool]:
+    """(withPin, maxPeers, private) from a create-chat body; an empty body means all defaults."""
     data: Any = {}
     if body.strip():
         try:
@@ -99,7 +99,10 @@ def _parse_create(body: bytes, settings: Settings) -> tuple[bool, int]:
     # bool is an int subclass: reject true/false explicitly.
     if isinstance(max_peers, bool) or not isinstance(max_peers, int) or not 2 <= max_peers <= high:
         raise _BadRequest(f'"maxPeers" must be an integer from 2 to {high}')
-    return with_pin, max_peers
+    private = data.get("private", False)
+    if not isinstance(private, bool):
+        raise _BadRequest('"private" must be true or false')
+    return with_pin, max_peers, private
 
 
 async def _read_body(request: Request) -> bytes | None:
@@ -120,7 +123,7 @@ async def create_chat(request: Request) -> Response:
     if body is None:
         return _error(413, "too-large", f"body larger than {MAX_BODY} bytes")
     try:
-        with_pin, max_peers = _parse_create(body, settings)
+        with_pin, max_peers, private = _parse_create(body, settings)
     except _BadRequest as exc:
         return _error(400, "bad-request", str(exc))
     address, now = client_address(request), time.monotonic()
@@ -131,7 +134,9 @@ async def create_chat(request: Request) -> Response:
         )
     limiter.hit(address, now)
     store: RoomStore = request.app.state.hub.store
-    room_id, pin = await store.create(with_pin=with_pin, max_peers=max_peers, now=time.time())
+    room_id, pin = await store.create(
+        with_pin=with_pin, max_peers=max_peers, now=time.time(), private=private
+    )
     return JSONResponse({"roomId": room_id, "pin": pin})
 
 
@@ -140,7 +145,7 @@ async def check_chat(request: Request) -> Response:
     room = await store.get(request.path_params["room_id"], time.time())
     if room is None:
         return _error(404, "not-found", "no such room")
-    return JSONResponse({"pin": room.has_pin})
+    return JSONResponse({"pin": room.has_pin, "private": room.private})
 
 
 async def healthz(request: Request) -> Response:

@@ -29,6 +29,7 @@ class Room:
     max_peers: int
     created: float
     last_active: float
+    private: bool = False  # relay-only: welcome tells peers iceTransportPolicy "relay"
 
     @property
     def has_pin(self) -> bool:
@@ -52,9 +53,14 @@ async def _v1(db: aiosqlite.Connection) -> None:
     await db.execute("CREATE INDEX rooms_last_active ON rooms (last_active)")
 
 
+async def _v2(db: aiosqlite.Connection) -> None:
+    # Private rooms (docs/web.md): rooms made before this column existed were not private.
+    await db.execute("ALTER TABLE rooms ADD COLUMN private INTEGER NOT NULL DEFAULT 0")
+
+
 # MIGRATIONS[i] takes a file from user_version i to i + 1. Append, never edit: files in the
 # field are at every version.
-MIGRATIONS: tuple[Migration, ...] = (_v1,)
+MIGRATIONS: tuple[Migration, ...] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -87,7 +93,9 @@ class RoomStore:
         except (aiosqlite.Error, ValueError):
             return False
 
-    async def create(self, *, with_pin: bool, max_peers: int, now: float) -> tuple[str, str | None]:
+    async def create(
+        self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
+    ) -> tuple[str, str | None]:
         """Create a room; return (room id, PIN or None). The PIN itself is never stored."""
         pin = pins.new_pin() if with_pin else None
         pin_hash = await asyncio.to_thread(pins.hash_pin, pin) if pin else None
@@ -95,9 +103,9 @@ class RoomStore:
             room_id = secrets.token_urlsafe(ROOM_ID_BYTES)
             try:
                 await self._db.execute(
-                    "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (room_id, pin_hash, max_peers, now, now),
+                    "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active, private)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (room_id, pin_hash, max_peers, now, now, private),
                 )
             except aiosqlite.IntegrityError:  # 2**-128 odds, but cheap to handle
                 continue
@@ -108,12 +116,12 @@ class RoomStore:
         if not is_room_id(room_id):
             return None
         async with self._db.execute(
-            "SELECT id, pin_hash, max_peers, created, last_active FROM rooms"
+            "SELECT id, pin_hash, max_peers, created, last_active, private FROM rooms"
             " WHERE id = ? AND last_active > ?",
             (room_id, now - self.ttl),
         ) as cur:
             row = await cur.fetchone()
-        return None if row is None else Room(*row)
+        return None if row is None else Room(*row[:5], private=bool(row[5]))
 
     async def verify_pin(self, room: Room, pin: str) -> bool:
         if room.pin_hash is None:

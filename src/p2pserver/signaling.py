@@ -305,6 +305,8 @@ class Hub:
             "iceServers": ice_servers(
                 self.settings, self._ice_host(conn.ws), self.secret, peer_id, time.time()
             ),
+            # A private room's peers gather relay candidates only (docs/web.md, private rooms).
+            "iceTransportPolicy": "relay" if room.private else "all",
         }
         self._deliver(conn, welcome)
         self._broadcast(others, {"type": "peer-joined", "peerId": peer_id})

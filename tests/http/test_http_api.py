@@ -25,7 +25,7 @@ async def test_create_without_pin_and_check(server: Server) -> None:
         assert body["pin"] is None
         checked = await http.get(f"/check-chat/{body['roomId']}")
     assert checked.status_code == 200
-    assert checked.json() == {"pin": False}
+    assert checked.json() == {"pin": False, "private": False}
 
 
 async def test_create_with_pin_and_check(server: Server) -> None:
@@ -33,7 +33,28 @@ async def test_create_with_pin_and_check(server: Server) -> None:
         created = (await http.post("/create-chat", json={"withPin": True})).json()
         assert re.fullmatch(r"\d{6}", created["pin"])
         checked = await http.get(f"/check-chat/{created['roomId']}")
-    assert checked.json() == {"pin": True}
+    assert checked.json() == {"pin": True, "private": False}
+
+
+async def test_private_room_is_reported_by_check_chat(server: Server) -> None:
+    async with server.client() as http:
+        created = await http.post("/create-chat", json={"withPin": True, "private": True})
+        assert created.status_code == 200
+        body = created.json()
+        assert set(body) == {"roomId", "pin"}  # the same answer as for any other room
+        checked = await http.get(f"/check-chat/{body['roomId']}")
+        public = (await http.post("/create-chat", json={"private": False})).json()
+        checked_public = await http.get(f"/check-chat/{public['roomId']}")
+    assert checked.json() == {"pin": True, "private": True}
+    assert checked_public.json() == {"pin": False, "private": False}
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, [], {}])
+async def test_private_must_be_a_boolean(server: Server, value: Any) -> None:
+    async with server.client() as http:
+        response = await http.post("/create-chat", json={"private": value})
+    assert response.status_code == 400
+    assert response.json() == {"error": "bad-request", "message": '"private" must be true or false'}
 
 
 async def test_missing_with_pin_and_empty_body_mean_no_pin(server: Server) -> None:

@@ -17,7 +17,7 @@ async def test_room_survives_sigkill_and_restart(
 ) -> None:
     db = tmp_path / "persist.db"
     process, server = await start_process("--no-turn", db=db)
-    room_id, pin = await server.create_room(withPin=True)
+    room_id, pin = await server.create_room(withPin=True, private=True)
     assert pin is not None
     first = await server.join(room_id, pin)
     process.kill()  # SIGKILL: no shutdown code runs
@@ -26,9 +26,12 @@ async def test_room_survives_sigkill_and_restart(
     async with server.client() as http:
         checked = await http.get(f"/check-chat/{room_id}")
     assert checked.status_code == 200
-    assert checked.json() == {"pin": True}
+    assert checked.json() == {"pin": True, "private": True}
     second = await server.join(room_id, pin)
-    assert second.welcome["peers"] == []  # first's connection died with the old process
+    assert second.welcome["peers"] == []
+    assert (
+        second.welcome["iceTransportPolicy"] == "relay"
+    )  # the room stayed private  # first's connection died with the old process
 
     wrong = await server.connect(room_id)
     await wrong.send({"type": "join", "pin": f"{(int(pin) + 1) % 10**6:06d}"})

@@ -14,7 +14,7 @@ from p2pserver import credentials, pins
 from p2pserver.config import Settings
 from p2pserver.ice import host_from_header, ice_servers, url_host
 from p2pserver.ratelimit import SlidingWindow, TokenBucket
-from p2pserver.rooms import SCHEMA_VERSION, RoomStore, migrate
+from p2pserver.rooms import MIGRATIONS, SCHEMA_VERSION, RoomStore, migrate
 
 
 async def test_fresh_file_gets_current_schema_and_wal(tmp_path: Path) -> None:
@@ -37,6 +37,28 @@ async def test_migrate_is_idempotent_and_keeps_rooms(tmp_path: Path) -> None:
     assert room is not None and room.max_peers == 3
     assert pin is not None and await store.verify_pin(room, pin)
     await store.close()
+
+
+async def test_a_v1_file_without_the_private_column_is_migrated_on_open(tmp_path: Path) -> None:
+    path = str(tmp_path / "v1.db")
+    async with aiosqlite.connect(path, isolation_level=None) as db:  # as release v1 left it
+        await MIGRATIONS[0](db)
+        await db.execute("PRAGMA user_version = 1")
+        await db.execute(
+            "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active)"
+            " VALUES ('OldRoomOldRoomOldRoom1', NULL, 2, 1000, 1000)"
+        )
+    store = await RoomStore.open(path, ttl=60)
+    old = await store.get("OldRoomOldRoomOldRoom1", now=1001.0)
+    assert old is not None and not old.private and old.max_peers == 2
+    new_id, _ = await store.create(with_pin=False, max_peers=2, now=1000.0, private=True)
+    new = await store.get(new_id, now=1001.0)
+    assert new is not None and new.private
+    await store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        columns = [row[1] for row in db.execute("PRAGMA table_info(rooms)")]
+        assert "private" in columns
 
 
 async def test_newer_schema_is_refused(tmp_path: Path) -> None:
@@ -89,7 +111,11 @@ async def test_get_rejects_malformed_ids(tmp_path: Path) -> None:
     store = await RoomStore.open(str(path), ttl=60)
     bad = ["'; DROP TABLE rooms; --", "", "x" * 65]
     with sqlite3.connect(path) as db:  # rows the shape check must keep get() from reaching
-        db.executemany("INSERT INTO rooms VALUES (?, NULL, 2, 0, 0)", [(b,) for b in bad])
+        db.executemany(
+            "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active)"
+            " VALUES (?, NULL, 2, 0, 0)",
+            [(b,) for b in bad],
+        )
     for room_id in bad:
         assert await store.get(room_id, now=0) is None, room_id
     await store.close()

@@ -27,6 +27,17 @@ async def test_join_room_without_pin(server: Server) -> None:
     assert a.id != b.id
 
 
+async def test_welcome_carries_the_rooms_ice_transport_policy(server: Server) -> None:
+    public_id, _ = await server.create_room()
+    private_id, pin = await server.create_room(private=True, withPin=True)
+    assert (await server.join(public_id)).welcome["iceTransportPolicy"] == "all"
+    first = await server.join(private_id, pin)
+    second = await server.join(private_id, pin)
+    for peer in (first, second):  # every peer of a private room is told, not only its creator
+        assert peer.welcome["iceTransportPolicy"] == "relay"
+        assert peer.welcome["iceServers"]  # and still gets the TURN credentials it needs
+
+
 async def test_join_with_pin(server: Server) -> None:
     room_id, pin = await server.create_room(withPin=True)
     assert pin is not None

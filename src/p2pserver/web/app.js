@@ -66,6 +66,7 @@ class RoomView {
     this.transfers = new Map(); // `${peerId}:${id}` -> {item, progress, status}
     this.guests = 0;
     this.lost = false;
+    this.caller = null; // who is calling us
     // Page listeners go away with this view (a failed join attempt leaves none behind).
     this.abort = new AbortController();
     const on = (type, handler) => chat.addEventListener(type, (e) => handler.call(this, e.detail));
@@ -84,6 +85,12 @@ class RoomView {
     on('file-failed', this.onFileFailed);
     on('remote-stream', this.onRemoteStream);
     on('remote-stream-ended', ({ peerId }) => this.removeVideo(peerId));
+    on('call-incoming', this.onCallIncoming);
+    on('call-accepted', () => this.renderCall());
+    on('call-declined', ({ peerId }) => notice(`${this.name(peerId)} declined the call.`, 'info'));
+    on('call-ended', ({ peerId }) => this.onCallEnded(peerId));
+    on('call-idle', () => this.renderCall());
+    on('error', ({ code, peerId, message }) => console.warn('p2pchat:', code, peerId, message));
     on('disconnected', this.onDisconnected);
     on('warning', ({ code, message }) => console.warn('signaling:', code, message));
     this.bindControls();
@@ -92,7 +99,8 @@ class RoomView {
 
   // -- peers and status ---------------------------------------------------------------------
 
-  onJoined({ peers }) {
+  onJoined({ peers, private: isPrivate }) {
+    $('room-private').hidden = !isPrivate;
     for (const peerId of peers) this.addPeer(peerId);
     this.render();
   }
@@ -134,7 +142,8 @@ class RoomView {
   onPath({ peerId, relayed, local, remote, protocol }) {
     let how = 'direct';
     if (relayed) {
-      how = 'relayed through the server';
+      // In a private room the relay is the point: say so, per peer.
+      how = this.chat.privateRoom ? 'private: relayed' : 'relayed through the server';
       if (local === 'relay' && protocol) how += ` (TURN over ${protocol.toUpperCase()})`;
     }
     this.update(peerId, { path: { relayed, how, local, remote } });
@@ -145,6 +154,7 @@ class RoomView {
     this.peers.get(peerId)?.item.remove();
     this.peers.delete(peerId);
     this.removeVideo(peerId);
+    if (peerId === this.caller) $('incoming').hidden = true;
     this.logSystem(`${name} left the chat.`);
     notice(`${name} left the chat.`, 'info');
     this.render();
@@ -171,7 +181,12 @@ class RoomView {
       if (peer.state === 'retrying') text = `${peer.name}: connection failed, trying again`;
       peer.item.textContent = text;
       Object.assign(peer.item.dataset, { peerId, state: peer.state });
-      if (peer.path) peer.item.dataset.path = peer.path.relayed ? 'relayed' : 'direct';
+      if (peer.path) {
+        peer.item.dataset.path = peer.path.relayed ? 'relayed' : 'direct';
+        // The selected candidate pair's types, from getStats(): host, srflx, prflx or relay.
+        peer.item.dataset.local = peer.path.local ?? '';
+        peer.item.dataset.remote = peer.path.remote ?? '';
+      }
     }
     let status;
     if (this.lost) status = 'Disconnected from the server.';
@@ -186,7 +201,7 @@ class RoomView {
     const disabled = open === 0;
     for (const id of ['text', 'send', 'file']) $(id).disabled = disabled;
     $('file-label').setAttribute('aria-disabled', String(disabled));
-    $('call').disabled = (disabled && !this.chat.localStream) || !navigator.mediaDevices;
+    $('call').disabled = disabled || Boolean(this.chat.localStream) || !navigator.mediaDevices;
   }
 
   // -- messages -----------------------------------------------------------------------------
@@ -223,7 +238,13 @@ class RoomView {
       for (const file of $('file').files) this.chat.sendFile(file);
       $('file').value = ''; // the same file can be chosen again
     }, { signal });
-    $('call').addEventListener('click', () => this.toggleCall(), { signal });
+    $('call').addEventListener('click', () => this.startCall(), { signal });
+    $('accept-video').addEventListener('click', () => this.accept(true), { signal });
+    $('accept-audio').addEventListener('click', () => this.accept(false), { signal });
+    $('decline').addEventListener('click', () => this.decline(), { signal });
+    $('hang-up').addEventListener('click', () => this.chat.hangUp(), { signal });
+    $('mute').addEventListener('click', () => this.toggle('mute'), { signal });
+    $('camera').addEventListener('click', () => this.toggle('camera'), { signal });
   }
 
   // -- files --------------------------------------------------------------------------------
@@ -285,31 +306,92 @@ class RoomView {
   }
 
   // -- calls --------------------------------------------------------------------------------
+  // One call at a time. Starting it invites the others; media flows only to those who accept.
 
-  async toggleCall() {
-    const button = $('call');
-    if (this.chat.localStream) {
-      this.chat.stopCall();
-      $('local-video').srcObject = null;
-      button.textContent = 'Start call';
-      this.showVideos();
-      this.render();
-      return;
-    }
-    button.disabled = true;
+  async startCall() {
+    $('call').disabled = true;
+    $('incoming').hidden = true; // a call from them that rings now is accepted by this
+    if ($('notice').dataset.kind === 'info') notice(null); // "declined" and the like are old news
     try {
-      const stream = await this.chat.startCall();
-      $('local-video').srcObject = stream;
-      button.textContent = 'Hang up';
+      await this.chat.startCall();
     } catch (err) {
-      const why = {
-        NotAllowedError: 'access to the camera and microphone was refused',
-        NotFoundError: 'no camera or microphone was found',
-        NotReadableError: 'the camera or microphone is in use by another program',
-      };
-      notice(`Cannot start the call: ${why[err.name] ?? err.message}.`);
+      this.mediaFailed(err);
     }
-    this.showVideos();
+    this.renderCall();
+  }
+
+  onCallIncoming({ peerId, video }) {
+    this.caller = peerId;
+    $('incoming-text').textContent = `${this.name(peerId)} is calling${video ? '' : ' (audio only)'}`;
+    $('incoming').hidden = false;
+    $('accept-video').focus();
+  }
+
+  async accept(video) {
+    $('incoming').hidden = true;
+    if ($('notice').dataset.kind === 'info') notice(null);
+    try {
+      await this.chat.acceptCall(this.caller, { audio: true, video });
+    } catch (err) {
+      this.chat.declineCall(this.caller);
+      this.mediaFailed(err);
+    }
+    this.renderCall();
+  }
+
+  decline() {
+    $('incoming').hidden = true;
+    this.chat.declineCall(this.caller);
+  }
+
+  onCallEnded(peerId) {
+    if (peerId === this.caller) $('incoming').hidden = true; // they gave up before we answered
+    notice(`${this.name(peerId)} hung up.`, 'info');
+    this.renderCall();
+  }
+
+  mediaFailed(err) {
+    const why = {
+      NotAllowedError: 'access to the camera and microphone was refused',
+      NotFoundError: 'no camera or microphone was found',
+      NotReadableError: 'the camera or microphone is in use by another program',
+    };
+    notice(`Cannot start the call: ${why[err.name] ?? err.message}.`);
+  }
+
+  toggle(which) {
+    const button = $(which);
+    const on = button.getAttribute('aria-pressed') !== 'true';
+    button.setAttribute('aria-pressed', String(on));
+    if (which === 'mute') {
+      this.chat.setMuted(on);
+      button.textContent = on ? 'Unmute' : 'Mute';
+    } else {
+      this.chat.setCameraOff(on);
+      button.textContent = on ? 'Camera on' : 'Camera off';
+    }
+  }
+
+  /** The call area: the others large, ourselves small; the status line says who is in it. */
+  renderCall() {
+    const stream = this.chat.localStream;
+    const local = $('local-video');
+    if (local.srcObject !== stream) local.srcObject = stream;
+    local.hidden = !stream || stream.getVideoTracks().length === 0;
+    $('call-area').hidden = !stream && !document.querySelector('video.remote');
+    if (!stream) {
+      for (const id of ['mute', 'camera']) $(id).setAttribute('aria-pressed', 'false');
+      $('mute').textContent = 'Mute';
+      $('camera').textContent = 'Camera off';
+    }
+    $('camera').hidden = local.hidden;
+    const inCall = [...this.chat.links.values()].filter((link) => link.call === 'in-call');
+    const ringing = [...this.chat.links.values()].filter((link) => link.call === 'inviting');
+    let text = '';
+    if (inCall.length) text = `In a call with ${inCall.map((l) => this.name(l.id)).join(', ')}.`;
+    else if (ringing.length) text = `Calling ${ringing.map((l) => this.name(l.id)).join(', ')}…`;
+    $('call-status').textContent = text;
+    $('call-area').dataset.state = inCall.length ? 'in-call' : ringing.length ? 'calling' : 'idle';
     this.render();
   }
 
@@ -323,17 +405,12 @@ class RoomView {
     }
     if (video.srcObject !== stream) video.srcObject = stream;
     video.play().catch(() => {}); // autoplay may wait for a click; the controls are there
-    this.showVideos();
+    this.renderCall();
   }
 
   removeVideo(peerId) {
     document.querySelector(`video.remote[data-peer-id="${CSS.escape(peerId)}"]`)?.remove();
-    this.showVideos();
-  }
-
-  showVideos() {
-    $('local-video').hidden = !this.chat.localStream;
-    $('videos').hidden = !this.chat.localStream && !document.querySelector('video.remote');
+    this.renderCall();
   }
 }
 
@@ -374,7 +451,10 @@ function showStart() {
     event.preventDefault();
     $('create').disabled = true;
     try {
-      const { roomId, pin } = await P2PChat.createRoom({ withPin: $('with-pin').checked });
+      const { roomId, pin } = await P2PChat.createRoom({
+        withPin: $('with-pin').checked,
+        private: $('private').checked,
+      });
       // No navigation: the page stays, and the address bar now holds the link.
       history.replaceState(null, '', `#room=${roomId}`);
       if (pin) sessionStorage.setItem(pinKey(roomId), pin);
@@ -429,6 +509,7 @@ async function main() {
     notice(TEXT['room-not-found']);
     return showStart();
   }
+  $('join-private').hidden = !room.private; // said before anyone joins
   const saved = room.pin ? sessionStorage.getItem(pinKey(roomId)) : null;
   if (room.pin && !saved) return showJoin(roomId);
   try {

@@ -1,37 +1,88 @@
-// p2pchat.js: rooms, signaling and WebRTC for p2pserver, in one module with no DOM access.
-// Copy it into any frontend. Protocol: docs/api.md. Everything is reported as events:
+// p2pchat.js: rooms, signaling and WebRTC for p2pserver, in one module with no DOM access and no
+// dependencies. Copy it into any frontend; no build step. Protocol: docs/api.md; guide: docs/web.md.
 //
-//   const chat = new P2PChat({ relayOnly: false });
-//   chat.addEventListener('message', (e) => console.log(e.detail.peerId, e.detail.text));
+//   const chat = new P2PChat();
+//   chat.on('message', ({ peerId, text }) => console.log(peerId, text));
 //   await chat.join(roomId, pin);            // rejects with a JoinError (wrong-pin, room-full, ...)
-//   chat.sendText('hello'); chat.sendFile(file); await chat.startCall();
+//   chat.sendText('hello');
+//   const transfer = chat.sendFile(file);    // a promise, with .id and .cancel()
+//   await chat.startCall();                  // invites the others; they accept or decline
+//   chat.leave();                            // the instance can join again afterwards
 //
-// Events (CustomEvent, data in `detail`):
-//   joined {peerId, peers}            peer-joined {peerId}          peer-left {peerId}
-//   peer-state {peerId, state, retrying}  connectionState: connecting, connected, failed (retrying:
-//                                     an ICE restart follows)...
-//   peer-open {peerId}                the chat channel is open: text and files can go
-//   peer-closed {peerId}              the chat channel closed (peer gone, connection lost)
-//   peer-path {peerId, relayed, local, remote, protocol}   from getStats' selected candidate pair
-//   message {peerId, text}
-//   file-start {peerId, id, direction: 'in'|'out', name, size}
-//   file-progress {peerId, id, direction, bytes, size, buffered (sending: bytes queued)}
-//   file-received {peerId, id, name, size, mime, blob, verified: true|false|null}
-//   file-sent {peerId, id, verified}  file-failed {peerId, id, direction, reason}
-//   remote-stream {peerId, stream}    remote-stream-ended {peerId}
-//   disconnected {code, reason, error} the signaling WebSocket closed (server gone, network lost)
-//   warning {code, message}           a non-fatal signaling error
+// Every event is a CustomEvent with its data in `detail`; P2PChatEvents below lists them all.
 
 const CHUNK = 64 * 1024; // data channel message size every current browser accepts
 const HIGH_WATER = 2 * 1024 * 1024; // stop reading the file while this much is queued...
 const LOW_WATER = 512 * 1024; // ...and go on when the queue drains below this
 const BLOB_BATCH = 16 * 1024 * 1024; // fold received chunks into a Blob this often (less memory)
 
+/**
+ * @typedef {object} PeerPath
+ * @property {string} peerId
+ * @property {boolean} relayed  our end or theirs is a TURN relay
+ * @property {string} [local]   our candidate type: host, srflx, prflx, relay
+ * @property {string} [remote]  their candidate type
+ * @property {string} [protocol] for a relay candidate: how we reach TURN (udp, tcp, tls)
+ */
+
+/**
+ * @typedef {object} FileResult  one peer's outcome of sendFile
+ * @property {string} peerId
+ * @property {boolean} ok          the receiver took the file
+ * @property {boolean|null} verified  SHA-256 checked (null: a side had no crypto.subtle)
+ * @property {string} [code]       why not: cancelled, interrupted, too-large, hash-mismatch, ...
+ */
+
+/**
+ * A sendFile() result: a promise of one FileResult per peer (rejected with an AbortError when
+ * cancelled), with the transfer's id and a cancel() that stops it for everyone.
+ * @typedef {Promise<FileResult[]> & {id: string, cancel: () => void}} FileTransfer
+ */
+
+/**
+ * Events, by name: what `detail` holds. Every peer event also carries `peerId`.
+ * @typedef {{
+ *   'joined': {peerId: string, peers: string[], private: boolean, iceTransportPolicy: RTCIceTransportPolicy},
+ *   'peer-joined': {peerId: string},
+ *   'peer-left': {peerId: string},
+ *   'peer-state': {peerId: string, state: RTCPeerConnectionState, retrying: boolean},
+ *   'peer-open': {peerId: string},
+ *   'peer-closed': {peerId: string},
+ *   'peer-path': PeerPath,
+ *   'message': {peerId: string, text: string},
+ *   'file-start': {peerId: string, id: string, direction: 'in'|'out', name: string, size: number},
+ *   'file-progress': {peerId: string, id: string, direction: 'in'|'out', bytes: number, size: number, buffered?: number},
+ *   'file-received': {peerId: string, id: string, name: string, size: number, mime: string, blob: Blob, verified: boolean|null},
+ *   'file-sent': {peerId: string, id: string, verified: boolean|null},
+ *   'file-failed': {peerId: string, id: string, direction: 'in'|'out', code: string, reason: string},
+ *   'call-incoming': {peerId: string, video: boolean},
+ *   'call-accepted': {peerId: string},
+ *   'call-declined': {peerId: string},
+ *   'call-ended': {peerId: string},
+ *   'call-idle': {},
+ *   'remote-stream': {peerId: string, stream: MediaStream},
+ *   'remote-stream-ended': {peerId: string},
+ *   'disconnected': {code: number, reason: string, error: object|null},
+ *   'warning': {code: string, message: string},
+ *   'error': {code: string, peerId: string|null, message: string, error?: unknown},
+ * }} P2PChatEvents
+ *
+ * peer-state: retrying means an ICE restart follows a failure. peer-open: the chat channel is
+ * open, text and files can go; peer-closed: it closed. peer-path: from getStats' selected
+ * candidate pair. file-failed codes: cancelled, interrupted, too-large, size-mismatch,
+ * hash-mismatch, bad-header. call-incoming: answer with acceptCall() or declineCall();
+ * call-accepted: our media goes to them now; call-ended: they hung up; call-idle: no call any
+ * more, our camera and microphone were released. disconnected: the signaling WebSocket closed
+ * (server gone, network lost), never after leave(). warning: a non-fatal signaling error.
+ * error codes: negotiation-failed, signal-failed, send-failed, bad-frame, call-failed.
+ */
+
 export class JoinError extends Error {
+  /** @param {string} code room-not-found, pin-required, wrong-pin, room-full, left, ... */
   constructor(code, message) {
     super(message);
     this.name = 'JoinError';
-    this.code = code; // room-not-found, pin-required, wrong-pin, too-many-attempts, room-full, ...
+    this.code = code;
   }
 }
 
@@ -43,6 +94,16 @@ async function api(server, path, init) {
   const body = await response.json().catch(() => ({}));
   return { status: response.status, body };
 }
+
+function parseJSON(text) {
+  try {
+    return JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+}
+
+const isObject = (value) => typeof value === 'object' && value !== null && !Array.isArray(value);
 
 /** Keep only the TURN URLs of one transport ('udp' or 'tcp'); drop servers left without URLs. */
 export function filterIceServers(iceServers, transport) {
@@ -83,6 +144,23 @@ class ChunkHasher {
   }
 }
 
+/** A transfer that ended early: `code` says why (sent to the other side in an abort). */
+class TransferError extends Error {
+  constructor(code, message) {
+    super(message);
+    this.code = code;
+  }
+}
+
+const FILE_FAILURES = {
+  cancelled: 'cancelled',
+  interrupted: 'the transfer was interrupted',
+  'too-large': 'the file is larger than announced',
+  'size-mismatch': 'the file is smaller than announced',
+  'hash-mismatch': 'damaged in transit (SHA-256 mismatch)',
+  'bad-header': 'not a valid file offer',
+};
+
 let transferCount = 0;
 
 /** One remote peer: its RTCPeerConnection, "perfect negotiation" state, and data channels. */
@@ -95,9 +173,12 @@ class PeerLink {
     this.ignoreOffer = false;
     this.answerPending = false;
     this.restarted = false;
+    this.closed = false;
     this.channel = null;
     this.senders = [];
     this.remoteStream = null;
+    this.call = null; // null, 'inviting' (we asked), 'invited' (they asked), 'in-call'
+    this.transfers = new Map(); // transfer id -> cancel(code)
     this.pc = new RTCPeerConnection(chat.rtcConfig);
     const pc = this.pc;
 
@@ -108,7 +189,7 @@ class PeerLink {
         await pc.setLocalDescription();
         this.signal({ description: pc.localDescription });
       } catch (err) {
-        console.warn('negotiation failed', err);
+        this.fail('negotiation-failed', err);
       } finally {
         this.makingOffer = false;
       }
@@ -123,22 +204,27 @@ class PeerLink {
     };
     pc.ontrack = ({ track, streams }) => this.onTrack(track, streams);
 
-    for (const track of chat.localStream?.getTracks() ?? []) {
-      this.senders.push(pc.addTrack(track, chat.localStream));
-    }
     // The newcomer opens the chat channel; that makes it the one to send the first offer.
     if (initiator) this.useChannel(pc.createDataChannel('chat'));
   }
 
   emit(type, detail) {
-    this.chat.emit(type, { peerId: this.id, ...detail });
+    if (!this.closed) this.chat.emit(type, { peerId: this.id, ...detail });
+  }
+
+  /** Report a failure as an `error` event: code, this peer, and the cause. */
+  fail(code, err) {
+    if (this.closed) return;
+    this.chat.emit('error', { code, peerId: this.id, message: err?.message ?? String(err), error: err });
   }
 
   signal(data) {
     this.chat.send({ type: 'signal', to: this.id, data: JSON.parse(JSON.stringify(data)) });
   }
 
-  async onSignal({ description, candidate }) {
+  async onSignal(data) {
+    if (!isObject(data)) return;
+    const { description, candidate } = data;
     const pc = this.pc;
     try {
       if (description) {
@@ -162,11 +248,12 @@ class PeerLink {
         }
       }
     } catch (err) {
-      console.warn('signal from', this.id, 'failed', err);
+      this.fail('signal-failed', err);
     }
   }
 
   onState(state) {
+    if (this.closed) return;
     // On failure, one ICE restart: new candidates (or a network that came back) may find a path.
     const retrying = state === 'failed' && !this.restarted && this.chat.signalingOpen;
     this.emit('peer-state', { state, retrying });
@@ -187,7 +274,8 @@ class PeerLink {
   /** Direct or relayed, from the selected candidate pair in getStats(). */
   async reportPath(retries = 3) {
     const stats = await this.pc.getStats().catch(() => null);
-    if (!stats) return;
+    if (!stats || this.closed) return;
+    /** @type {any} */
     let pair = null;
     stats.forEach((report) => {
       if (report.type === 'transport' && report.selectedCandidatePairId) {
@@ -221,16 +309,17 @@ class PeerLink {
   useChannel(channel) {
     this.channel = channel;
     channel.onopen = () => this.emit('peer-open', {});
-    channel.onclose = () => this.emit('peer-closed', {});
+    channel.onclose = () => {
+      if (this.call === 'in-call' || this.call === 'invited') this.endCall(false);
+      this.emit('peer-closed', {});
+    };
     channel.onmessage = ({ data }) => {
-      let message;
-      try {
-        message = JSON.parse(data);
-      } catch {
-        return;
-      }
+      const message = typeof data === 'string' ? parseJSON(data) : undefined;
+      if (!isObject(message)) return; // not our protocol: ignore
       if (message.type === 'text' && typeof message.text === 'string') {
         this.emit('message', { text: message.text });
+      } else if (message.type === 'call') {
+        this.onCallMessage(message);
       }
     };
     if (channel.readyState === 'open') this.emit('peer-open', {});
@@ -240,9 +329,23 @@ class PeerLink {
     return this.channel?.readyState === 'open';
   }
 
-  sendText(text) {
-    this.channel.send(JSON.stringify({ type: 'text', text }));
+  /** Send on the chat channel; false (and an `error` event) if it closed meanwhile. */
+  sendControl(message) {
+    try {
+      if (!this.open) throw new Error('the chat channel is not open');
+      this.channel.send(JSON.stringify(message));
+      return true;
+    } catch (err) {
+      this.fail('send-failed', err);
+      return false;
+    }
   }
+
+  sendText(text) {
+    return this.sendControl({ type: 'text', text });
+  }
+
+  // -- files ---------------------------------------------------------------------------------
 
   /** Send one file on its own data channel: header, chunks with backpressure, trailer, ack. */
   async sendFile(file, id) {
@@ -250,16 +353,27 @@ class PeerLink {
     channel.binaryType = 'arraybuffer';
     channel.bufferedAmountLowThreshold = LOW_WATER;
     const hasher = canHash() ? new ChunkHasher() : null;
-    // Every wait below also ends when the channel closes (peer gone, connection lost).
-    const closed = new Promise((_, reject) => {
-      channel.onclose = () => reject(new Error('the transfer was interrupted'));
-    });
-    closed.catch(() => {});
-    const until = (promise) => Promise.race([promise, closed]);
+    // Every wait below also ends when the transfer fails: channel closed, the receiver's abort,
+    // or cancel().
+    let stop;
+    const failed = new Promise((_, reject) => (stop = reject));
+    failed.catch(() => {});
+    const cancel = (code = 'cancelled') => stop(new TransferError(code, FILE_FAILURES[code]));
+    this.transfers.set(id, cancel);
+    channel.onclose = () => cancel('interrupted');
+    let acked;
+    const ack = new Promise((resolve) => (acked = resolve));
+    channel.onmessage = ({ data }) => {
+      const message = parseJSON(data);
+      if (message?.type === 'ack') acked(message);
+      else if (message?.type === 'abort') {
+        cancel(message.code in FILE_FAILURES ? message.code : 'interrupted');
+      }
+    };
+    const until = (promise) => Promise.race([promise, failed]);
     const next = (event) => until(new Promise((resolve) => (channel[`on${event}`] = resolve)));
     this.emit('file-start', { id, direction: 'out', name: file.name, size: file.size });
     try {
-      const acked = next('message'); // the receiver's one message: {type: 'ack', verified}
       if (channel.readyState !== 'open') await next('open');
       const chunkSize = Math.min(CHUNK, this.pc.sctp?.maxMessageSize || CHUNK);
       const header = { type: 'file', name: file.name, size: file.size, mime: file.type };
@@ -281,12 +395,19 @@ class PeerLink {
       }
       const sha256 = hasher ? await until(hasher.final()) : null;
       channel.send(JSON.stringify({ type: 'end', sha256 }));
-      const ack = JSON.parse((await acked).data);
+      const { verified = null } = await until(ack);
       this.emit('file-progress', { id, direction: 'out', bytes: file.size, size: file.size });
-      this.emit('file-sent', { id, verified: ack.verified ?? null });
+      this.emit('file-sent', { id, verified });
+      return { peerId: this.id, ok: true, verified };
     } catch (err) {
-      this.emit('file-failed', { id, direction: 'out', reason: err.message ?? String(err) });
+      const code = err instanceof TransferError ? err.code : 'interrupted';
+      if (code === 'cancelled' && channel.readyState === 'open') {
+        channel.send(JSON.stringify({ type: 'abort', code }));
+      }
+      this.emit('file-failed', { id, direction: 'out', code, reason: err.message ?? String(err) });
+      return { peerId: this.id, ok: false, verified: null, code };
     } finally {
+      this.transfers.delete(id);
       channel.onclose = null;
       channel.close();
     }
@@ -302,42 +423,54 @@ class PeerLink {
     let received = 0;
     let lastReport = 0;
     let done = false;
+    const abort = (code) => {
+      if (done) return;
+      done = true;
+      parts = [];
+      this.transfers.delete(id);
+      if (channel.readyState === 'open') channel.send(JSON.stringify({ type: 'abort', code }));
+      channel.close();
+      if (header) this.emit('file-failed', { id, direction: 'in', code, reason: FILE_FAILURES[code] });
+    };
+    this.transfers.set(id, () => abort('cancelled'));
     channel.onmessage = async ({ data }) => {
+      if (done) return;
       if (typeof data === 'string') {
-        let message;
-        try {
-          message = JSON.parse(data);
-        } catch {
-          return; // not our protocol: ignore
-        }
+        const message = parseJSON(data);
+        if (!isObject(message)) return; // not our protocol: ignore
         if (message.type === 'file' && !header) {
-          header = message;
+          const { name, size, mime } = message;
+          if (typeof name !== 'string' || !Number.isSafeInteger(size) || size < 0) {
+            return abort('bad-header');
+          }
+          header = { name, size, mime: typeof mime === 'string' ? mime : '' };
           hasher = message.hash === 'sha256-chunks' && canHash() ? new ChunkHasher() : null;
-          this.emit('file-start', { id, direction: 'in', name: header.name, size: header.size });
+          this.emit('file-start', { id, direction: 'in', name, size });
+        } else if (message.type === 'abort' && header) {
+          abort(message.code === 'cancelled' ? 'cancelled' : 'interrupted');
         } else if (message.type === 'end' && header) {
-          done = true;
-          // verified: true or false when both sides could hash, null when one could not.
+          if (received !== header.size) return abort('size-mismatch');
+          // verified: true when both sides could hash, null when one could not.
           let verified = null;
-          if (received !== header.size) verified = false;
-          else if (hasher && message.sha256) verified = (await hasher.final()) === message.sha256;
+          if (hasher && typeof message.sha256 === 'string') {
+            verified = (await hasher.final()) === message.sha256;
+            if (!verified) return abort('hash-mismatch');
+          }
+          done = true;
+          this.transfers.delete(id);
           channel.send(JSON.stringify({ type: 'ack', verified }));
           const blob = new Blob(parts, { type: header.mime || 'application/octet-stream' });
           parts = [];
-          this.emit('file-received', {
-            id,
-            name: header.name,
-            size: received,
-            mime: header.mime,
-            blob,
-            verified,
-          });
+          this.emit('file-received', { id, ...header, size: received, blob, verified });
         }
         return;
       }
-      if (!header) return;
+      if (!header) return abort('bad-header');
+      received += data.byteLength;
+      // Refuse the excess at once: a sender that lies about the size cannot fill our memory.
+      if (received > header.size) return abort('too-large');
       hasher?.add(data);
       parts.push(data);
-      received += data.byteLength;
       batch += data.byteLength;
       if (batch >= BLOB_BATCH) {
         parts = [new Blob(parts)]; // lets the browser move the bytes out of the JS heap
@@ -349,10 +482,55 @@ class PeerLink {
       }
     };
     channel.onclose = () => {
-      if (header && !done) {
-        this.emit('file-failed', { id, direction: 'in', reason: 'transfer interrupted' });
-      }
+      if (header && !done) abort('interrupted');
+      this.transfers.delete(id);
     };
+  }
+
+  // -- calls ---------------------------------------------------------------------------------
+
+  onCallMessage({ action, video }) {
+    const chat = this.chat;
+    if (action === 'invite') {
+      if (this.call === 'inviting' && chat.localStream) {
+        // Both pressed "Start call": each takes the other's invite as an answer.
+        this.sendControl({ type: 'call', action: 'accept' });
+        this.joinCall();
+      } else if (this.call === null) {
+        this.call = 'invited';
+        this.emit('call-incoming', { video: video !== false });
+      }
+    } else if (action === 'accept' && this.call === 'inviting' && chat.localStream) {
+      this.joinCall();
+      this.emit('call-accepted', {});
+    } else if (action === 'decline' && this.call === 'inviting') {
+      this.call = null;
+      this.emit('call-declined', {});
+      chat.releaseMedia();
+    } else if (action === 'hangup' && this.call !== null) {
+      this.endCall(false);
+      this.emit('call-ended', {});
+      chat.releaseMedia();
+    }
+  }
+
+  joinCall() {
+    this.call = 'in-call';
+    const stream = this.chat.localStream;
+    if (this.senders.length || !stream) return;
+    for (const track of stream.getTracks()) this.senders.push(this.pc.addTrack(track, stream));
+  }
+
+  /** Stop sending our media to this peer (and tell them, unless they told us). */
+  endCall(tell) {
+    if (tell && this.call !== null) {
+      this.sendControl({ type: 'call', action: this.call === 'invited' ? 'decline' : 'hangup' });
+    }
+    this.call = null;
+    for (const sender of this.senders) {
+      if (this.pc.signalingState !== 'closed') this.pc.removeTrack(sender);
+    }
+    this.senders = [];
   }
 
   onTrack(track, streams) {
@@ -362,33 +540,28 @@ class PeerLink {
       this.remoteStream = stream;
       // When the other side hangs up, renegotiation removes its tracks from the stream.
       stream.onremovetrack = () => {
-        if (stream.getTracks().length === 0) this.emit('remote-stream-ended', {});
+        if (stream.getTracks().length === 0) {
+          this.remoteStream = null;
+          this.emit('remote-stream-ended', {});
+        }
       };
     }
     this.emit('remote-stream', { stream });
   }
 
-  addStream(stream) {
-    for (const track of stream.getTracks()) this.senders.push(this.pc.addTrack(track, stream));
-  }
-
-  removeStream() {
-    for (const sender of this.senders) {
-      if (this.pc.signalingState !== 'closed') this.pc.removeTrack(sender);
-    }
-    this.senders = [];
-  }
-
   close() {
+    for (const cancel of this.transfers.values()) cancel('interrupted');
+    this.closed = true;
     this.pc.close();
   }
 }
 
 export class P2PChat extends EventTarget {
   /**
-   * @param {object} options
+   * @param {object} [options]
    * @param {string} [options.server] base URL of p2pserver (default: this page's origin)
-   * @param {boolean} [options.relayOnly] iceTransportPolicy "relay": never show our IP to peers
+   * @param {boolean} [options.relayOnly] iceTransportPolicy "relay" even in a room that is not
+   *   private: this browser's addresses go to nobody but the TURN server
    * @param {'udp'|'tcp'|null} [options.turnTransport] keep only the TURN URLs of this transport
    */
   constructor({ server = location.origin, relayOnly = false, turnTransport = null } = {}) {
@@ -396,32 +569,59 @@ export class P2PChat extends EventTarget {
     this.server = server;
     this.relayOnly = relayOnly;
     this.turnTransport = turnTransport;
+    /** @type {string|null} our id in the room, from welcome */
     this.peerId = null;
-    this.links = new Map(); // peerId -> PeerLink
+    /** @type {boolean} the room is private: the server asked for relay-only */
+    this.privateRoom = false;
+    /** @type {Map<string, PeerLink>} */
+    this.links = new Map();
+    /** @type {MediaStream|null} our camera and microphone while a call is on */
     this.localStream = null;
     this.ws = null;
     this.rtcConfig = null;
-    this.leaving = false;
     this.lastError = null;
   }
 
-  /** Create a room; maxPeers (2 to the server's --max-room-peers) defaults to the server's. */
-  static async createRoom({ server = location.origin, withPin = false, maxPeers } = {}) {
+  /**
+   * Create a room. maxPeers (2 to the server's --max-room-peers) defaults to the server's;
+   * private: everyone in it gathers relay candidates only, so nobody learns another's address.
+   * @param {{server?: string, withPin?: boolean, maxPeers?: number, private?: boolean}} [options]
+   * @returns {Promise<{roomId: string, pin: string|null}>}
+   */
+  static async createRoom({ server = location.origin, withPin = false, maxPeers, private: priv } = {}) {
     const { status, body } = await api(server, '/create-chat', {
       method: 'POST',
       headers: { 'Content-Type': 'application/json' },
-      body: JSON.stringify({ withPin, maxPeers }), // undefined is left out
+      body: JSON.stringify({ withPin, maxPeers, private: priv }), // undefined is left out
     });
     if (status !== 200) throw new JoinError(body.error ?? 'error', body.message ?? `HTTP ${status}`);
     return { roomId: body.roomId, pin: body.pin };
   }
 
-  /** {exists, pin}: whether the room is there and asks for a PIN. */
+  /**
+   * Whether the room is there, asks for a PIN, and is private.
+   * @param {{server?: string, roomId: string}} options
+   * @returns {Promise<{exists: boolean, pin: boolean, private: boolean}>}
+   */
   static async checkRoom({ server = location.origin, roomId }) {
     const { status, body } = await api(server, `/check-chat/${encodeURIComponent(roomId)}`);
-    if (status === 404) return { exists: false, pin: false };
+    if (status === 404) return { exists: false, pin: false, private: false };
     if (status !== 200) throw new JoinError(body.error ?? 'error', body.message ?? `HTTP ${status}`);
-    return { exists: true, pin: Boolean(body.pin) };
+    return { exists: true, pin: Boolean(body.pin), private: body.private === true };
+  }
+
+  /**
+   * Listen to one event, with its `detail` as the argument; returns a function that stops it.
+   * @template {keyof P2PChatEvents} K
+   * @param {K} type
+   * @param {(detail: P2PChatEvents[K]) => void} handler
+   * @param {AddEventListenerOptions} [options]
+   * @returns {() => void}
+   */
+  on(type, handler, options) {
+    const listener = (event) => handler(event.detail);
+    this.addEventListener(type, listener, options);
+    return () => this.removeEventListener(type, listener);
   }
 
   emit(type, detail = {}) {
@@ -436,53 +636,70 @@ export class P2PChat extends EventTarget {
     if (this.signalingOpen) this.ws.send(JSON.stringify(message));
   }
 
-  /** Open the signaling socket and join; resolves with the welcome, rejects with a JoinError. */
+  /**
+   * Open the signaling socket and join; resolves with the welcome, rejects with a JoinError.
+   * Joining again (the same room or another) first leaves the current one.
+   * @param {string} roomId
+   * @param {string|null} [pin]
+   */
   join(roomId, pin = null) {
+    this.reset();
     const url = new URL(`/ws/${encodeURIComponent(roomId)}`, this.server);
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
     const ws = new WebSocket(url);
     this.ws = ws;
     return new Promise((resolve, reject) => {
       let joined = false;
+      let lastError = null;
       ws.onopen = () => ws.send(JSON.stringify(pin ? { type: 'join', pin } : { type: 'join' }));
       ws.onmessage = ({ data }) => {
-        const message = JSON.parse(data);
-        if (message.type === 'welcome') {
+        if (ws !== this.ws) return; // left, or joined again: this socket is on its way out
+        const message = parseJSON(data);
+        if (!isObject(message) || typeof message.type !== 'string') {
+          this.emit('error', { code: 'bad-frame', peerId: null, message: 'not a JSON object' });
+        } else if (message.type === 'welcome' && !joined) {
           joined = true;
           this.onWelcome(message);
           resolve(message);
         } else if (message.type === 'error' && !joined) {
-          this.lastError = message;
-        } else {
+          lastError = message;
+        } else if (joined) {
           this.onMessage(message);
         }
       };
       ws.onclose = (event) => {
+        const superseded = ws !== this.ws;
         if (!joined) {
-          const error = this.lastError;
-          this.lastError = null;
+          if (!superseded) this.ws = null;
           reject(
-            error
-              ? new JoinError(error.code, error.message)
-              : new JoinError('unreachable', 'could not reach the server'),
+            superseded && !lastError
+              ? new JoinError('left', 'left before the join completed')
+              : lastError
+                ? new JoinError(lastError.code, lastError.message)
+                : new JoinError('unreachable', 'could not reach the server'),
           );
           return;
         }
-        if (this.leaving) return;
+        if (superseded) return; // closed by leave() or a new join(): nobody needs telling
+        this.ws = null;
         this.emit('disconnected', { code: event.code, reason: event.reason, error: this.lastError });
       };
     });
   }
 
-  onWelcome({ peerId, peers, iceServers }) {
+  onWelcome({ peerId, peers, iceServers, iceTransportPolicy }) {
     this.peerId = peerId;
+    // A private room asks every peer for relay-only; relayOnly asks it of this one anyway.
+    this.privateRoom = iceTransportPolicy === 'relay';
+    const policy = this.privateRoom || this.relayOnly ? 'relay' : 'all';
     this.rtcConfig = {
-      iceServers: filterIceServers(iceServers, this.turnTransport),
-      iceTransportPolicy: this.relayOnly ? 'relay' : 'all',
+      iceServers: filterIceServers(Array.isArray(iceServers) ? iceServers : [], this.turnTransport),
+      iceTransportPolicy: policy,
     };
-    this.emit('joined', { peerId, peers });
+    const others = Array.isArray(peers) ? peers.filter((id) => typeof id === 'string') : [];
+    this.emit('joined', { peerId, peers: others, private: this.privateRoom, iceTransportPolicy: policy });
     // The newcomer calls everyone already there; they wait for its offers.
-    for (const other of peers) this.link(other, { polite: false, initiator: true });
+    for (const other of others) this.link(other, { polite: false, initiator: true });
   }
 
   link(peerId, roles) {
@@ -497,18 +714,22 @@ export class P2PChat extends EventTarget {
   onMessage(message) {
     switch (message.type) {
       case 'peer-joined':
+        if (typeof message.peerId !== 'string') break;
         this.link(message.peerId, { polite: true, initiator: false });
         this.emit('peer-joined', { peerId: message.peerId });
         break;
       case 'peer-left': {
         const link = this.links.get(message.peerId);
-        link?.close();
+        if (!link) break;
+        link.close();
         this.links.delete(message.peerId);
         this.emit('peer-left', { peerId: message.peerId });
+        if (![...this.links.values()].some((other) => other.call !== null)) this.releaseMedia();
         break;
       }
       case 'signal':
-        this.link(message.from, { polite: true, initiator: false }).onSignal(message.data ?? {});
+        if (typeof message.from !== 'string') break;
+        this.link(message.from, { polite: true, initiator: false }).onSignal(message.data);
         break;
       case 'error':
         this.lastError = message; // a fatal one is followed by the close
@@ -519,44 +740,160 @@ export class P2PChat extends EventTarget {
     }
   }
 
+  /** Ids of the peers whose chat channel is open. */
   get connectedPeers() {
     return [...this.links.values()].filter((link) => link.open).map((link) => link.id);
   }
 
-  /** Send a text message to every connected peer; returns how many it went to. */
+  /**
+   * Send a text message to every connected peer; returns how many it went to. Never throws: a
+   * channel that closes meanwhile is skipped and reported as an `error` (send-failed).
+   * @param {string} text
+   */
   sendText(text) {
-    const open = [...this.links.values()].filter((link) => link.open);
-    for (const link of open) link.sendText(text);
-    return open.length;
+    let sent = 0;
+    for (const link of this.links.values()) if (link.open && link.sendText(text)) sent += 1;
+    return sent;
   }
 
-  /** Send a File (or Blob with a name) to every connected peer; returns the transfer id. */
-  sendFile(file) {
+  /**
+   * Send a File (or a Blob with a name) to every connected peer.
+   * @param {File|Blob & {name: string}} file
+   * @param {{signal?: AbortSignal}} [options] aborting it cancels the transfer
+   * @returns {FileTransfer}
+   */
+  sendFile(file, { signal } = {}) {
     const id = `out-${++transferCount}`;
-    for (const link of this.links.values()) if (link.open) link.sendFile(file, id);
-    return id;
+    const links = [...this.links.values()].filter((link) => link.open);
+    let cancelled = false;
+    const cancel = () => {
+      cancelled = true;
+      for (const link of links) link.transfers.get(id)?.('cancelled');
+    };
+    signal?.addEventListener('abort', cancel, { once: true });
+    const all = Promise.all(links.map((link) => link.sendFile(file, id)));
+    const transfer = all.then((results) => {
+      signal?.removeEventListener('abort', cancel);
+      if (cancelled) throw new DOMException('the transfer was cancelled', 'AbortError');
+      return results;
+    });
+    if (signal?.aborted) cancel();
+    return Object.assign(transfer, { id, cancel });
   }
 
-  /** Share camera and microphone with everyone in the room (and whoever joins later). */
+  /** Cancel a transfer, sending or receiving, by the id of its file-start event. */
+  cancelFile(id) {
+    for (const link of this.links.values()) link.transfers.get(id)?.('cancelled');
+  }
+
+  // -- calls -----------------------------------------------------------------------------------
+
+  /**
+   * Start a call: get camera and microphone, and invite every connected peer. Our media goes to
+   * a peer only once it accepts (call-accepted); call-declined says it did not.
+   * @param {MediaStreamConstraints} [constraints]
+   * @returns {Promise<MediaStream>}
+   */
   async startCall(constraints = { audio: true, video: true }) {
+    const stream = await this.getMedia(constraints);
+    for (const link of this.links.values()) {
+      if (link.call === 'invited') {
+        link.sendControl({ type: 'call', action: 'accept' });
+        link.joinCall();
+      } else if (link.call === null && link.open) {
+        link.call = 'inviting';
+        link.sendControl({ type: 'call', action: 'invite', video: stream.getVideoTracks().length > 0 });
+      }
+    }
+    return stream;
+  }
+
+  /**
+   * Accept an incoming call (call-incoming) from one peer, or from all who are calling.
+   * @param {string|null} [peerId]
+   * @param {MediaStreamConstraints} [constraints] e.g. {audio: true, video: false}: audio only
+   * @returns {Promise<MediaStream>}
+   */
+  async acceptCall(peerId = null, constraints = { audio: true, video: true }) {
+    const stream = await this.getMedia(constraints);
+    for (const link of this.links.values()) {
+      if (link.call !== 'invited' || (peerId && link.id !== peerId)) continue;
+      link.sendControl({ type: 'call', action: 'accept' });
+      link.joinCall();
+    }
+    return stream;
+  }
+
+  /** Decline an incoming call, from one peer or from all who are calling. */
+  declineCall(peerId = null) {
+    for (const link of this.links.values()) {
+      if (link.call === 'invited' && (!peerId || link.id === peerId)) link.endCall(true);
+    }
+  }
+
+  /** Leave the call: everyone in it (or invited) is told, and the camera and microphone stop. */
+  hangUp() {
+    for (const link of this.links.values()) if (link.call !== 'invited') link.endCall(true);
+    this.releaseMedia(true);
+  }
+
+  /** @deprecated the name before calls had invitations: hangUp() */
+  stopCall() {
+    this.hangUp();
+  }
+
+  /** Mute or unmute our microphone for everyone (the track stays, sending silence). */
+  setMuted(muted) {
+    for (const track of this.localStream?.getAudioTracks() ?? []) track.enabled = !muted;
+  }
+
+  /** Turn our camera off or on for everyone (black frames while off). */
+  setCameraOff(off) {
+    for (const track of this.localStream?.getVideoTracks() ?? []) track.enabled = !off;
+  }
+
+  /** Whether a call is on, ringing or being offered with any peer. */
+  get inCall() {
+    return [...this.links.values()].some((link) => link.call === 'in-call');
+  }
+
+  async getMedia(constraints) {
     if (!this.localStream) {
-      this.localStream = await navigator.mediaDevices.getUserMedia(constraints);
-      for (const link of this.links.values()) link.addStream(this.localStream);
+      try {
+        this.localStream = await navigator.mediaDevices.getUserMedia(constraints);
+      } catch (err) {
+        this.emit('error', { code: 'call-failed', peerId: null, message: err.message, error: err });
+        throw err;
+      }
     }
     return this.localStream;
   }
 
-  stopCall() {
-    for (const link of this.links.values()) link.removeStream();
+  /** Stop our camera and microphone once no peer is in (or asked into) a call with us. */
+  releaseMedia(force = false) {
+    const busy = [...this.links.values()].some((link) => link.call === 'in-call' || link.call === 'inviting');
+    if (busy && !force) return;
     for (const track of this.localStream?.getTracks() ?? []) track.stop();
     this.localStream = null;
+    this.emit('call-idle', {});
   }
 
-  leave() {
-    this.leaving = true;
-    this.stopCall();
+  /** Close every peer connection and the signaling socket, and forget the room. */
+  reset() {
+    if (this.localStream) this.hangUp();
     for (const link of this.links.values()) link.close();
     this.links.clear();
-    this.ws?.close(1000);
+    const ws = this.ws;
+    this.ws = null; // first: its close event is then not reported as `disconnected`
+    ws?.close(1000);
+    this.peerId = null;
+    this.privateRoom = false;
+    this.rtcConfig = null;
+    this.lastError = null;
+  }
+
+  /** Leave the room. The instance can join() again afterwards. */
+  leave() {
+    this.reset();
   }
 }
