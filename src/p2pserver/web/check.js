@@ -163,6 +163,7 @@ async function relayRoundTrip(server, url, ms) {
       if (caller.connectionState === 'failed') reject(new Error('nothing came through the relay'));
     };
   });
+  opened.catch(() => {}); // a failure before the wait below is still reported by it
   try {
     await caller.setLocalDescription(await caller.createOffer());
     await callee.setRemoteDescription(caller.localDescription);
@@ -298,7 +299,9 @@ function showRelays(turnServers, gathering, trips, waited) {
         rttMs: trip.ms.toFixed(3),
       });
     } else if (relay) {
-      setRow(id, 'failed', `${where}, but ${trip?.reason ?? 'no round trip was made'}.`);
+      const reason = trip?.reason ?? 'no round trip was made';
+      const operator = "The server's operator can find out why with `p2pserver check`.";
+      setRow(id, 'failed', `${where}, but ${reason}. ${operator}`);
     } else {
       const hint = `${protocol === 'udp' ? 'UDP' : 'TCP'} to the server may be blocked on this network.`;
       setRow(id, 'failed', `No relayed address. ${silence(gathering.errors, urls, waited)} ${hint}`);
@@ -365,11 +368,12 @@ async function run() {
     try {
       iceServers = await fetchIceServers();
     } catch (err) {
-      setVerdict(
-        'error',
-        'Could not reach the chat server.',
-        `${err.message}. Check your connection and try again.`,
-      );
+      if (err.name === 'JoinError' && err.code !== 'unreachable') {
+        // The server answered, but no: rooms created too fast, too many connections...
+        setVerdict('error', 'The chat server refused the check.', `${err.message}. Try again later.`);
+      } else {
+        setVerdict('error', 'Could not reach the chat server.', 'Check your connection and try again.');
+      }
       return;
     }
     if (token !== runs) return;
