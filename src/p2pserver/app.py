@@ -183,7 +183,7 @@ class WebFiles(StaticFiles):
 _HOST_HEADER = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
 
 
-async def index(request: Request) -> Response:
+def _page(request: Request, name: str) -> Response:
     headers = dict(WEB_HEADERS)
     host = request.headers.get("host", "")
     if _HOST_HEADER.fullmatch(host):
@@ -192,7 +192,16 @@ async def index(request: Request) -> Response:
         headers["Content-Security-Policy"] = headers["Content-Security-Policy"].replace(
             "connect-src 'self'", f"connect-src 'self' ws://{host} wss://{host}"
         )
-    return FileResponse(WEB_DIR / "index.html", headers=headers)
+    return FileResponse(WEB_DIR / name, headers=headers)
+
+
+async def index(request: Request) -> Response:
+    return _page(request, "index.html")
+
+
+async def check_page(request: Request) -> Response:
+    """The connection check page (docs/web.md): it joins a room too, for the iceServers."""
+    return _page(request, "check.html")
 
 
 async def signaling(websocket: WebSocket) -> None:
@@ -270,6 +279,7 @@ def create_app(settings: Settings) -> Starlette:
             # The web client: its page at / and its scripts and styles under /static/. (A mount at
             # / would answer every unknown path itself, and GET /create-chat with 404, not 405.)
             Route("/", index, methods=["GET", "HEAD"]),
+            Route("/check", check_page, methods=["GET", "HEAD"]),
             Mount("/static", WebFiles(directory=WEB_DIR), name="static"),
         ],
         middleware=[
