@@ -313,7 +313,7 @@ def test_channel_bind_rules() -> None:
 
     assert bind(0x4000, ("2001:4860::1", 1)).error_code == 443  # IPv6 peer, IPv4 relay
     assert bind(0x3FFF, PEER).error_code == 400
-    assert bind(0x5000, PEER).error_code == 400
+    assert bind(0x8000, PEER).error_code == 400  # past RFC 5766's 0x7FFF
     assert h.request(Method.CHANNEL_BIND, {"CHANNEL-NUMBER": 0x4000}).error_code == 400
     assert bind(0x4000, PEER).message_class == Class.RESPONSE
     assert "8.8.8.8" in allocation.permissions  # ChannelBind installs the permission

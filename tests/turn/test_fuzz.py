@@ -187,7 +187,7 @@ class Corpus:
         return self.rng.randbytes(self.rng.choice([0, 1, 3, 4, 17, 100, 500, 1200]))
 
     def channel(self) -> int:
-        return self.rng.choice([0x4000, 0x4001, 0x4FFF, self.rng.randrange(0x4000, 0x5000)])
+        return self.rng.choice([0x4000, 0x4001, 0x4FFF, 0x7FFF, self.rng.randrange(0x4000, 0x8000)])
 
     def seed(self, cred: Cred | None) -> Draft:
         rng = self.rng
@@ -624,7 +624,7 @@ class Harness:
 
     def dispatch(self, data: bytes, client: Client, now: float) -> bytes | None:
         """What UdpListener and StreamConnection do with one message."""
-        if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
+        if len(data) >= 4 and 0x40 <= data[0] <= 0x7F:
             allocation = self.core.table.get(client.five_tuple)
             if allocation is not None:
                 allocation.from_client_channel(data)
@@ -780,7 +780,7 @@ def model_frames(stream: bytes, channels: bool) -> tuple[list[bytes], bool]:
     frames, pos = [], 0
     while len(stream) - pos >= 4:
         first, length = stream[pos], int.from_bytes(stream[pos + 2 : pos + 4])
-        if 0x40 <= first <= 0x4F:
+        if 0x40 <= first <= 0x7F:
             if not channels:
                 return frames, True
             size = 4 + length + (-length % 4)
@@ -932,7 +932,7 @@ def drain(client: StunClient, failures: Failures) -> int:
     while not queue.empty():
         data = queue.get_nowait()
         n += 1
-        if 0x40 <= data[0] <= 0x4F:
+        if 0x40 <= data[0] <= 0x7F:
             if len(data) < 4 or int.from_bytes(data[2:4]) > len(data) - 4:
                 failures.add("bad ChannelData to a client", data)
         elif (
@@ -961,7 +961,7 @@ def whole_frames(corpus: Corpus, cred: Cred, count: int, channel_data: bool) -> 
             break
         data = corpus.sample(cred, tcp=True)
         alone, garbage = model_frames(data, channels=True)
-        if not garbage and alone == [data] and (channel_data or not 0x40 <= data[0] <= 0x4F):
+        if not garbage and alone == [data] and (channel_data or not 0x40 <= data[0] <= 0x7F):
             frames.append(data)
     return frames
 

@@ -286,6 +286,7 @@ LISTENING = re.compile(rb"STUN/TURN listening on (udp|tcp) 127\.0\.0\.1:(\d+)")
 LOST = re.compile(
     rb"Total lost packets (\d+) \(([\d.]+)%\), total send dropped (\d+) \(([\d.]+)%\)"
 )
+CHANNEL_BOUND = re.compile(rb"cb response received: \s*\n[^\n]*success: 0x([0-9a-f]{4})")
 TOTALS = re.compile(rb"start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
 
 
@@ -336,9 +337,7 @@ class ServerProcess:
                 await asyncio.wait_for(self._reader, TIMEOUT)
 
 
-@pytest.fixture
-async def server_process() -> AsyncIterator[ServerProcess]:
-    """A fresh `p2pserver` per test: uclient's allocations count against alice's quota."""
+async def start_server_process(*extra: str) -> ServerProcess:
     process = await asyncio.create_subprocess_exec(
         str(P2PSERVER),
         "--no-http",
@@ -348,10 +347,13 @@ async def server_process() -> AsyncIterator[ServerProcess]:
         "0",  # the OS picks a free UDP port, TCP takes the same one, the log says which
         "--user",
         f"{USER}:{PASSWORD}",
+        "--secret",
+        SECRET,
         "--realm",
         REALM,
         "--allow-peer",
         "127.0.0.0/8",
+        *extra,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
@@ -359,6 +361,17 @@ async def server_process() -> AsyncIterator[ServerProcess]:
     server = ServerProcess(process)
     try:
         await server.wait_listening()
+    except BaseException:
+        await server.stop()
+        raise
+    return server
+
+
+@pytest.fixture
+async def server_process() -> AsyncIterator[ServerProcess]:
+    """A fresh `p2pserver` per test: uclient's allocations count against alice's quota."""
+    server = await start_server_process()
+    try:
         yield server
     finally:
         await server.stop()
@@ -382,27 +395,20 @@ async def run_uclient(args: list[str]) -> tuple[int, bytes]:
     return process.returncode, output
 
 
-def uclient_command(port: int, tcp: bool) -> list[str]:
+def uclient_command(port: int, *flags: str, rest: bool = False) -> list[str]:
     assert UCLIENT is not None
     # -y: two clients relay to each other's relayed address (client-to-client), so no
     #     turnutils_peer is needed; -m 2 such pairs, -n 20 messages of -l 121 bytes (odd: the
     #     TCP path pads). uclient has no realm flag: it takes the realm from the 401.
-    # -s: Send/Data indications. Without it uclient picks random channel numbers in
-    #     0x4000-0x7FFF (RFC 5766); RFC 8656 §12 allows only 0x4000-0x4FFF and the server
-    #     answers 400 to the rest, so most runs would stop at the first ChannelBind.
-    command = [UCLIENT, "-u", USER, "-w", PASSWORD, "-y", "-s", "-m", "2", "-n", "20", "-l", "121"]
-    command += ["-e", LOCALHOST, "-p", str(port), LOCALHOST]
-    if tcp:
-        command.insert(1, "-t")
-    return command
+    # Without -s uclient binds channels with random numbers from all of 0x4000-0x7FFF
+    # (RFC 5766), which the server accepts (docs/turn.md); -s uses Send/Data indications.
+    # -W: TURN REST API credentials made from the secret (the name gets an expiry prefix).
+    secret = ["-W", SECRET] if rest else ["-w", PASSWORD]
+    command = [UCLIENT, *flags, "-u", USER, *secret, "-y", "-m", "2", "-n", "20", "-l", "121"]
+    return [*command, "-e", LOCALHOST, "-p", str(port), LOCALHOST]
 
 
-@pytest.mark.skipif(UCLIENT is None, reason="turnutils_uclient not installed (apt install coturn)")
-@pytest.mark.parametrize("transport", ["udp", "tcp"])
-async def test_coturn_uclient_client_to_client(
-    server_process: ServerProcess, transport: str
-) -> None:
-    code, output = await run_uclient(uclient_command(server_process.port, transport == "tcp"))
+def check_uclient_run(code: int, output: bytes, server: ServerProcess) -> None:
     text = output.decode(errors="replace")
     assert code == 0, text
     lost = LOST.findall(output)
@@ -414,4 +420,23 @@ async def test_coturn_uclient_client_to_client(
     # uclient runs 4 sessions here (2 clients, RTP and RTCP each) of 20 messages.
     assert sent == received == 80, text
     assert b" error " not in output, text
-    assert "ERROR" not in server_process.text(), server_process.text()
+    assert "ERROR" not in server.text(), server.text()
+
+
+@pytest.mark.skipif(UCLIENT is None, reason="turnutils_uclient not installed (apt install coturn)")
+@pytest.mark.parametrize("credentials", ["static", "rest"])
+@pytest.mark.parametrize("mode", ["channels", "send"])
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_coturn_uclient_client_to_client(
+    server_process: ServerProcess, transport: str, mode: str, credentials: str
+) -> None:
+    # -v in channel mode: uclient then prints each ChannelBind answer with its number.
+    flags = (["-t"] if transport == "tcp" else []) + (["-s"] if mode == "send" else ["-v"])
+    command = uclient_command(server_process.port, *flags, rest=credentials == "rest")
+    code, output = await run_uclient(command)
+    check_uclient_run(code, output, server_process)
+    if mode == "channels":
+        bound = [int(n, 16) for n in CHANNEL_BOUND.findall(output)]
+        # 2 clients x (RTP, RTCP) sessions, each binding its peer's relayed address.
+        assert len(bound) >= 4 and output.count(b"channel bind sent") == len(bound), output
+        assert all(0x4000 <= n <= 0x7FFF for n in bound), bound

@@ -208,20 +208,25 @@ async def test_send_and_data_indications(
     assert indication.attributes["XOR-PEER-ADDRESS"] == peer.address
 
 
+# 0x7FFF: the top of RFC 5766's range, which old clients still use (datapath.is_channel); its
+# first byte 0x7F must reach the channel path on UDP and through the TCP framer.
+@pytest.mark.parametrize("channel", [0x4321, 0x7FFF])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_channel_data_both_ways(open_server: TurnServer, peer: Peer, transport: str) -> None:
+async def test_channel_data_both_ways(
+    open_server: TurnServer, peer: Peer, transport: str, channel: int
+) -> None:
     client, relayed = await allocated(open_server, transport)
-    bind = {"CHANNEL-NUMBER": 0x4321, "XOR-PEER-ADDRESS": peer.address}
+    bind = {"CHANNEL-NUMBER": channel, "XOR-PEER-ADDRESS": peer.address}
     assert (await client.request(Method.CHANNEL_BIND, bind)).message_class == Class.RESPONSE
     for size in (1, 3, 100, 1201):
         payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
-        client.send_channel_data(0x4321, payload)
+        client.send_channel_data(channel, payload)
         assert await asyncio.wait_for(peer.received.get(), 5) == (payload, relayed)
         assert peer.transport is not None
         peer.transport.sendto(payload[::-1], relayed)
         raw = await client.receive()
         number, length = struct.unpack("!HH", raw[:4])
-        assert number == 0x4321 and raw[4 : 4 + length] == payload[::-1]
+        assert number == channel and raw[4 : 4 + length] == payload[::-1]
         if transport == "tcp":
             assert len(raw) % 4 == 0  # padded on streams (RFC 8656 §12.5)
     sent = sum((1, 3, 100, 1201))

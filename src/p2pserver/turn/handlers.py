@@ -19,8 +19,6 @@ from aioice.stun import Class, Method
 from p2pserver.config import Settings
 from p2pserver.turn import stun
 from p2pserver.turn.allocation import (
-    CHANNEL_MAX,
-    CHANNEL_MIN,
     DEFAULT_LIFETIME,
     MAX_LIFETIME,
     Address,
@@ -32,7 +30,7 @@ from p2pserver.turn.allocation import (
     granted_lifetime,
 )
 from p2pserver.turn.auth import Credentials, Nonces, NonceStatus
-from p2pserver.turn.datapath import parse_send
+from p2pserver.turn.datapath import is_channel, parse_send
 from p2pserver.turn.policy import PeerPolicy
 from p2pserver.turn.stun import BadRequest, Malformed, Request
 from p2pserver.turn.transactions import ResponseCache
@@ -311,7 +309,7 @@ class TurnCore:
             return self.responder.error(
                 request, 400, "CHANNEL-NUMBER or XOR-PEER-ADDRESS missing", key
             )
-        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
+        if not is_channel(number >> 8):  # 0x4000-0x7FFF, see datapath.is_channel
             return self.responder.error(request, 400, "Channel number out of range", key)
         peer = request.peers[0]
         if _family(peer[0]) != allocation.relay.family:

@@ -18,6 +18,7 @@ from typing import cast
 
 from p2pserver.config import Settings
 from p2pserver.turn.allocation import Address, FiveTuple
+from p2pserver.turn.datapath import is_channel
 from p2pserver.turn.framing import FramingError, StreamFramer
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
@@ -65,9 +66,9 @@ class UdpListener(asyncio.DatagramProtocol):
     def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
         if len(addr) > 2:
             addr = addr[:2]  # IPv6 sockets add flowinfo and scope
-        # ChannelData (RFC 8656 §12: channels 0x4000-0x4FFF), the hot path; anything else
-        # with a first byte of 0x50-0xFF is garbage that TurnCore drops.
-        if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
+        # ChannelData (channels 0x4000-0x7FFF, see datapath.is_channel), the hot path; anything
+        # else with a first byte of 0x80-0xFF is garbage that TurnCore drops.
+        if len(data) >= 4 and is_channel(data[0]):
             allocation = self.allocations.get(("udp", addr, self.local))
             if allocation is not None:
                 allocation.from_client_channel(data)
@@ -118,7 +119,7 @@ class StreamConnection(asyncio.Protocol):
             self.transport.close()
             return
         for frame in frames:
-            if 0x40 <= frame[0] <= 0x4F:
+            if is_channel(frame[0]):
                 allocation = self.allocations.get(self.five_tuple)
                 if allocation is not None:
                     allocation.from_client_channel(frame)
