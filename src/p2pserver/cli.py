@@ -256,5 +256,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError:
             asyncio.run(main_task)
         else:
-            uvloop.run(main_task)  # DESIGN.md: uvloop where installed
+            log.info("event loop: uvloop")  # where installed (docs/architecture.md)
+            uvloop.run(main_task)
     return 0

@@ -12,10 +12,8 @@ import contextlib
 import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 import pytest
 from aioice import stun
@@ -27,6 +25,7 @@ from aiortc import (
     RTCIceTransportPolicy,
     RTCPeerConnection,
 )
+from processkit import ServerProcess
 
 from p2pserver.credentials import rest_password
 from p2pserver.turn.server import TurnServer
@@ -281,8 +280,6 @@ async def test_aiortc_data_channel_over_relay(
 # --- 3. coturn's turnutils_uclient against `p2pserver` as a process ---------------------------
 
 UCLIENT = shutil.which("turnutils_uclient")
-P2PSERVER = Path(sys.executable).with_name("p2pserver")
-LISTENING = re.compile(rb"STUN/TURN listening on (udp|tcp) 127\.0\.0\.1:(\d+)")
 LOST = re.compile(
     rb"Total lost packets (\d+) \(([\d.]+)%\), total send dropped (\d+) \(([\d.]+)%\)"
 )
@@ -290,56 +287,8 @@ CHANNEL_BOUND = re.compile(rb"cb response received: \s*\n[^\n]*success: 0x([0-9a
 TOTALS = re.compile(rb"start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
 
 
-class ServerProcess:
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.port = 0
-        self.log: list[bytes] = []
-        self._reader: asyncio.Task[None] | None = None
-
-    async def wait_listening(self) -> None:
-        """Read the log until UDP and TCP both listen; the port comes from there (port 0)."""
-        stream = self.process.stderr
-        assert stream is not None
-        seen: set[bytes] = set()
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                while len(seen) < 2:
-                    line = await stream.readline()
-                    if not line:
-                        raise AssertionError(f"p2pserver exited:\n{self.text()}")
-                    self.log.append(line)
-                    match = LISTENING.search(line)
-                    if match:
-                        seen.add(match[1])
-                        self.port = int(match[2])
-        except TimeoutError:
-            raise AssertionError(f"p2pserver did not start listening:\n{self.text()}") from None
-        self._reader = asyncio.create_task(self._drain(stream))
-
-    def text(self) -> str:
-        return b"".join(self.log).decode(errors="replace")
-
-    async def _drain(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():  # keep reading, or a full pipe blocks the server
-            self.log.append(line)
-
-    async def stop(self) -> None:
-        if self.process.returncode is None:
-            self.process.terminate()
-            try:
-                await asyncio.wait_for(self.process.wait(), TIMEOUT)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._reader, TIMEOUT)
-
-
 async def start_server_process(*extra: str) -> ServerProcess:
-    process = await asyncio.create_subprocess_exec(
-        str(P2PSERVER),
+    return await ServerProcess.start(
         "--no-http",
         "--turn-host",
         LOCALHOST,
@@ -354,17 +303,7 @@ async def start_server_process(*extra: str) -> ServerProcess:
         "--allow-peer",
         "127.0.0.0/8",
         *extra,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
     )
-    server = ServerProcess(process)
-    try:
-        await server.wait_listening()
-    except BaseException:
-        await server.stop()
-        raise
-    return server
 
 
 @pytest.fixture

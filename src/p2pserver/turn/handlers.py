@@ -56,13 +56,22 @@ class Client:
 
 
 class Stats:
-    __slots__ = ("bad_requests", "dropped", "requests", "unauthenticated")
+    __slots__ = (
+        "bad_requests",
+        "connections_reset",
+        "dropped",
+        "faults",
+        "requests",
+        "unauthenticated",
+    )
 
     def __init__(self) -> None:
         self.requests = 0
         self.bad_requests = 0
         self.unauthenticated = 0
         self.dropped = 0
+        self.faults = 0
+        self.connections_reset = 0
 
 
 class TurnCore:

@@ -28,9 +28,15 @@ _RCVBUF = 1 << 20
 
 
 class RelaySocket:
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        on_fault: Callable[[], None] = lambda: None,
+    ) -> None:
         self.sock = sock
         self.loop = loop
+        self.on_fault = on_fault
         self.family = 2 if sock.family == socket.AF_INET6 else 1
         self.address: Address = sock.getsockname()[:2]
         self.dropped = 0
@@ -39,6 +45,7 @@ class RelaySocket:
     def start(self, on_datagram: Callable[[bytes, Address], None]) -> None:
         sock = self.sock
         ipv6 = self.family == 2
+        on_fault = self.on_fault
 
         def readable() -> None:
             for _ in range(_READ_BATCH):
@@ -48,7 +55,10 @@ class RelaySocket:
                     return
                 except OSError:
                     continue  # ICMP errors surface here; the next datagram may be fine
-                on_datagram(data, addr[:2] if ipv6 else addr)  # drop IPv6 flowinfo, scope
+                try:
+                    on_datagram(data, addr[:2] if ipv6 else addr)  # drop IPv6 flowinfo, scope
+                except Exception:
+                    on_fault()  # a bug costs this datagram; the reader keeps going
 
         self.loop.add_reader(sock.fileno(), readable)
         self._reading = True
@@ -75,10 +85,12 @@ class RelayPorts:
         bind_ip: str,
         ports: tuple[int, int],
         loop: asyncio.AbstractEventLoop,
+        on_fault: Callable[[], None] = lambda: None,
     ) -> None:
         self.bind_ip = bind_ip
         self.ports = ports
         self.loop = loop
+        self.on_fault = on_fault  # called from an `except` block when relaying fails
         self.af = socket.AF_INET6 if ":" in bind_ip else socket.AF_INET
         self.families = frozenset({2 if self.af == socket.AF_INET6 else 1})
         self.reservations: dict[bytes, tuple[socket.socket, float]] = {}
@@ -128,14 +140,14 @@ class RelayPorts:
                 self.reservations[token] = (partner, time.time() + RESERVATION_LIFETIME)
             if dont_fragment:
                 _set_dont_fragment(sock)
-            return RelaySocket(sock, self.loop), token
+            return RelaySocket(sock, self.loop, self.on_fault), token
         raise NoCapacity("no free relay port")
 
     def take_reserved(self, token: bytes) -> RelaySocket | None:
         entry = self.reservations.pop(token, None)
         if entry is None:
             return None
-        return RelaySocket(entry[0], self.loop)
+        return RelaySocket(entry[0], self.loop, self.on_fault)
 
     def expire(self, now: float) -> None:
         """Close reservations not taken in time (`now` is time.time(), as in TurnCore)."""
