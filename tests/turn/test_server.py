@@ -231,7 +231,32 @@ async def test_channel_data_both_ways(
             assert len(raw) % 4 == 0  # padded on streams (RFC 8656 §12.5)
     sent = sum((1, 3, 100, 1201))
     stats = open_server.stats()
-    assert stats["relayed_bytes_out"] == stats["relayed_bytes_in"] == sent
+    assert stats["peer_sentb"] == stats["peer_rcvb"] == sent
+    assert stats["peer_sentp"] == stats["peer_rcvp"] == 4
+
+
+async def test_counters_do_not_go_down_when_an_allocation_ends(
+    open_server: TurnServer, peer: Peer
+) -> None:
+    client, relayed = await allocated(open_server, "udp")
+    bind = {"CHANNEL-NUMBER": 0x4000, "XOR-PEER-ADDRESS": peer.address}
+    assert (await client.request(Method.CHANNEL_BIND, bind)).message_class == Class.RESPONSE
+    client.send_channel_data(0x4000, b"12345")
+    assert await asyncio.wait_for(peer.received.get(), 5) == (b"12345", relayed)
+    assert peer.transport is not None
+    peer.transport.sendto(b"abc", relayed)
+    await client.receive()
+    before = open_server.stats()
+    assert before["allocations"] == 1 and before["allocations_created"] == 1
+    assert (before["peer_sentb"], before["peer_rcvb"]) == (5, 3)
+    delete = await client.request(Method.REFRESH, {"LIFETIME": 0})
+    assert delete.message_class == Class.RESPONSE
+    after = open_server.stats()
+    assert after["allocations"] == 0  # the gauge follows what is alive
+    counters = [k for k in after if k not in ("allocations", "tcp_connections")]
+    assert all(after[k] >= before[k] for k in counters), (before, after)
+    assert (after["peer_sentb"], after["peer_rcvb"]) == (5, 3)
+    assert (after["peer_sentp"], after["peer_rcvp"], after["allocations_created"]) == (1, 1, 1)
 
 
 async def test_peer_without_permission_is_not_relayed(open_server: TurnServer, peer: Peer) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from p2pserver.turn.datapath import channel_data, data_indication
+from p2pserver.turn.stats import TurnStats
 
 Address = tuple[str, int]
 FiveTuple = tuple[str, Address, Address]  # (transport, client address, server address)
@@ -91,8 +92,20 @@ class Allocation:
     permissions: dict[str, float] = field(default_factory=dict)  # peer IP -> expiry
     channels: dict[int, Channel] = field(default_factory=dict)
     peer_channels: dict[Address, int] = field(default_factory=dict)  # peer -> channel number
-    relayed_in: int = 0
-    relayed_out: int = 0
+    # Relayed traffic (stats.py): payload from peers to the client, and from the client out.
+    peer_rcvp: int = 0
+    peer_rcvb: int = 0
+    peer_sentp: int = 0
+    peer_sentb: int = 0
+
+    @property
+    def send_drops(self) -> int:
+        return self.relay.dropped
+
+    def send_to_peer(self, payload: bytes, peer: Address) -> None:
+        self.relay.sendto(payload, peer)
+        self.peer_sentp += 1
+        self.peer_sentb += len(payload)
 
     # --- the hot path -----------------------------------------------------------------------
 
@@ -105,7 +118,8 @@ class Allocation:
         if channel.peer[0] not in self.permissions:
             return  # the permission expired while the channel lived on
         self.relay.sendto(data[4 : 4 + length], channel.peer)
-        self.relayed_out += length
+        self.peer_sentp += 1
+        self.peer_sentb += length
 
     def from_peer(self, data: bytes, peer: Address) -> None:
         """A datagram on the relay socket: to the client as ChannelData or a Data indication."""
@@ -116,7 +130,8 @@ class Allocation:
             self.send_to_client(channel_data(number, data, self.pad))
         else:
             self.send_to_client(data_indication(peer, data))
-        self.relayed_in += len(data)
+        self.peer_rcvp += 1
+        self.peer_rcvb += len(data)
 
     # --- the rules around it ---------------------------------------------------------------
 
@@ -148,9 +163,12 @@ class Allocation:
 class AllocationTable:
     """All allocations by 5-tuple (RFC 8656 §2.2: one allocation per 5-tuple), with quotas."""
 
-    def __init__(self, user_quota: int, max_allocations: int) -> None:
+    def __init__(
+        self, user_quota: int, max_allocations: int, stats: TurnStats | None = None
+    ) -> None:
         self.user_quota = user_quota
         self.max_allocations = max_allocations
+        self.stats = stats if stats is not None else TurnStats()
         self.by_tuple: dict[FiveTuple, Allocation] = {}
         self.per_user: Counter[str] = Counter()
 
@@ -174,6 +192,7 @@ class AllocationTable:
     def add(self, allocation: Allocation) -> None:
         self.by_tuple[allocation.five_tuple] = allocation
         self.per_user[allocation.username] += 1
+        self.stats.allocations_created += 1
 
     def remove(self, five_tuple: FiveTuple) -> Allocation | None:
         allocation = self.by_tuple.pop(five_tuple, None)
@@ -182,6 +201,7 @@ class AllocationTable:
             if self.per_user[allocation.username] <= 0:
                 del self.per_user[allocation.username]
             allocation.relay.close()
+            self.stats.retire(allocation)  # its traffic stays in the totals
         return allocation
 
     def expire(self, now: float) -> list[Allocation]:

@@ -32,6 +32,7 @@ from p2pserver.turn.allocation import (
 from p2pserver.turn.auth import Credentials, Nonces, NonceStatus
 from p2pserver.turn.datapath import is_channel, parse_send
 from p2pserver.turn.policy import PeerPolicy
+from p2pserver.turn.stats import TurnStats
 from p2pserver.turn.stun import BadRequest, Malformed, Request
 from p2pserver.turn.transactions import ResponseCache
 
@@ -55,25 +56,6 @@ class Client:
         return (self.transport, self.remote, self.local)
 
 
-class Stats:
-    __slots__ = (
-        "bad_requests",
-        "connections_reset",
-        "dropped",
-        "faults",
-        "requests",
-        "unauthenticated",
-    )
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.bad_requests = 0
-        self.unauthenticated = 0
-        self.dropped = 0
-        self.faults = 0
-        self.connections_reset = 0
-
-
 class TurnCore:
     def __init__(
         self,
@@ -89,10 +71,10 @@ class TurnCore:
         self.policy = policy
         self.credentials = Credentials(settings.realm, dict(settings.users), secret)
         self.nonces = nonces or Nonces()
-        self.table = AllocationTable(settings.user_quota, settings.max_allocations)
+        self.stats = TurnStats()
+        self.table = AllocationTable(settings.user_quota, settings.max_allocations, self.stats)
         self.responses = ResponseCache()
         self.responder = stun.Responder(settings.software)
-        self.stats = Stats()
         self.fallback_ip = fallback_ip  # see relayed_ip()
         # Requests on an existing allocation (RFC 8656 §7.3, §10, §11): 437 without one.
         self._on_allocation: dict[int, Callable[[Request, Allocation, Client, float], bytes]] = {
@@ -346,8 +328,7 @@ class TurnCore:
         # A permitted IP is of the relay's family: CreatePermission checked that (443).
         if ip not in allocation.permissions or not self.policy.permits(ip, port):
             return
-        allocation.relay.sendto(payload, (ip, port))
-        allocation.relayed_out += len(payload)
+        allocation.send_to_peer(payload, (ip, port))
 
     # --- housekeeping -------------------------------------------------------------------------
 

@@ -350,19 +350,12 @@ class TurnServer:
         return self.addresses[0][2]
 
     def stats(self) -> dict[str, int]:
+        """Gauges (what is alive now) and counters (only go up): docs/turn.md, "Statistics"."""
         core = self.core
         return {
             "allocations": len(core.table),
             "tcp_connections": len(self.connections),
-            "requests": core.stats.requests,
-            "bad_requests": core.stats.bad_requests,
-            "unauthenticated": core.stats.unauthenticated,
-            "dropped": core.stats.dropped,
-            "internal_errors": core.stats.faults,
-            # Of the allocations alive now: bytes relayed each way, datagrams the OS refused.
-            "relayed_bytes_in": sum(a.relayed_in for a in core.table),
-            "relayed_bytes_out": sum(a.relayed_out for a in core.table),
-            "relay_send_drops": sum(a.relay.dropped for a in core.table),
+            **core.stats.snapshot(core.table),
         }
 
 
