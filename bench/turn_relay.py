@@ -73,6 +73,7 @@ class CountingRelay:
 
     family = 1
     address = (LOCALHOST, 50000)
+    dropped = 0
 
     def __init__(self) -> None:
         self.sent = 0

@@ -528,6 +528,7 @@ class Failures:
 
 class FakeRelay:
     family = 1
+    dropped = 0
 
     def __init__(self, pool: FakeRelays, port: int) -> None:
         self.pool = pool
