@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -29,6 +28,7 @@ from processkit import ServerProcess
 
 from p2pserver.credentials import rest_password
 from p2pserver.turn.server import TurnServer
+from realtools import need_program
 
 pytestmark = pytest.mark.slow
 
@@ -279,7 +279,6 @@ async def test_aiortc_data_channel_over_relay(
 
 # --- 3. coturn's turnutils_uclient against `p2pserver` as a process ---------------------------
 
-UCLIENT = shutil.which("turnutils_uclient")
 LOST = re.compile(
     rb"Total lost packets (\d+) \(([\d.]+)%\), total send dropped (\d+) \(([\d.]+)%\)"
 )
@@ -335,7 +334,7 @@ async def run_uclient(args: list[str]) -> tuple[int, bytes]:
 
 
 def uclient_command(port: int, *flags: str, rest: bool = False) -> list[str]:
-    assert UCLIENT is not None
+    uclient = need_program("turnutils_uclient", "apt-get install coturn; .ci/run does")
     # -y: two clients relay to each other's relayed address (client-to-client), so no
     #     turnutils_peer is needed; -m 2 such pairs, -n 20 messages of -l 121 bytes (odd: the
     #     TCP path pads). uclient has no realm flag: it takes the realm from the 401.
@@ -343,7 +342,7 @@ def uclient_command(port: int, *flags: str, rest: bool = False) -> list[str]:
     # (RFC 5766), which the server accepts (docs/turn.md); -s uses Send/Data indications.
     # -W: TURN REST API credentials made from the secret (the name gets an expiry prefix).
     secret = ["-W", SECRET] if rest else ["-w", PASSWORD]
-    command = [UCLIENT, *flags, "-u", USER, *secret, "-y", "-m", "2", "-n", "20", "-l", "121"]
+    command = [uclient, *flags, "-u", USER, *secret, "-y", "-m", "2", "-n", "20", "-l", "121"]
     return [*command, "-e", LOCALHOST, "-p", str(port), LOCALHOST]
 
 
@@ -362,7 +361,6 @@ def check_uclient_run(code: int, output: bytes, server: ServerProcess) -> None:
     assert "ERROR" not in server.text(), server.text()
 
 
-@pytest.mark.skipif(UCLIENT is None, reason="turnutils_uclient not installed (apt install coturn)")
 @pytest.mark.parametrize("credentials", ["static", "rest"])
 @pytest.mark.parametrize("mode", ["channels", "send"])
 @pytest.mark.parametrize("transport", ["udp", "tcp"])

@@ -2,7 +2,7 @@
 
 Chromium comes from Debian (`apt-get install chromium`, as .ci/run does); Playwright drives it
 through `executable_path`, so `playwright install` (a download) is never needed. Without either,
-these tests skip and say why.
+these tests skip and say why, or with CI set fail (tests/realtools.py).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from netkit import free_port, free_turn_port
+from realtools import need_module, need_program
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -42,14 +42,10 @@ CHROMIUM_ARGS = [
 ]
 
 
-def skip_reason() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed (pip install -e '.[test]')"
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} is missing (apt-get install chromium; .ci/run does)"
-    return None
+def need_browser() -> str:
+    """Playwright and Chromium, or skip (fail with CI set); returns Chromium's path."""
+    need_module("playwright", "pip install -e '.[test]'")
+    return need_program("chromium", "apt-get install chromium; .ci/run does")
 
 
 # -- the server -------------------------------------------------------------------------------
