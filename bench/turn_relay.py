@@ -32,8 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aioice import stun as aiostun
-from aioice.stun import Class, Message, Method
+from aioice.stun import Class, Method
 
 from p2pserver.config import Settings
 from p2pserver.turn import stun as p2pstun
@@ -41,6 +40,8 @@ from p2pserver.turn.allocation import Allocation
 from p2pserver.turn.datapath import channel_data, data_indication, parse_send
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
+from p2pserver.turn.stun import TurnMessage as Message
+from p2pserver.turn.stun import parse_message
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCALHOST = "127.0.0.1"
@@ -119,7 +120,7 @@ def micro_cases(size: int) -> Iterator[tuple[str, Callable[[], object]]]:
     now = time.time()
     assert allocation.bind_channel(CHANNEL, peer, now) is None
     allocation.permit(other[0], now)
-    message = aiostun.parse_message(send)
+    message = parse_message(send)
 
     yield "(empty call, for reference)", lambda: None
     yield "datapath.channel_data (UDP)", lambda: channel_data(CHANNEL, payload, False)
@@ -129,7 +130,7 @@ def micro_cases(size: int) -> Iterator[tuple[str, Callable[[], object]]]:
     yield "Allocation.from_client_channel", lambda: allocation.from_client_channel(frame)
     yield "Allocation.from_peer (channel)", lambda: allocation.from_peer(payload, peer)
     yield "Allocation.from_peer (Data indication)", lambda: allocation.from_peer(payload, other)
-    yield "aioice parse_message(Send indication)", lambda: aiostun.parse_message(send)
+    yield "aioice parse_message(Send indication)", lambda: parse_message(send)
     yield "aioice bytes(Message) (Send indication)", lambda: bytes(message)
     yield "p2pserver stun.decode(Send indication)", lambda: p2pstun.decode(send)
     if size == SIZES[0]:
@@ -220,7 +221,7 @@ class TurnClient:
                     self.sock.settimeout(left)
                     raw = self.sock.recv(65536)  # skips relayed data still in flight
                     if raw[0] < 0x40 and raw[8:20] == message.transaction_id:
-                        return aiostun.parse_message(raw)
+                        return parse_message(raw)
         raise TimeoutError(f"no answer to {message.message_method.name}")
 
     def allocate(self) -> tuple[str, int]:

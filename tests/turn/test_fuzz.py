@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
-from aioice import stun as aiostun
 from aioice.stun import Class, Method
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
@@ -53,7 +52,7 @@ from p2pserver.turn.framing import FramingError, StreamFramer
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
 from p2pserver.turn.server import TCP_MAX_BUFFERED, TurnServer
-from p2pserver.turn.stun import KNOWN_TYPES
+from p2pserver.turn.stun import KNOWN_TYPES, TurnMessage, parse_message
 
 pytestmark = pytest.mark.slow
 
@@ -479,7 +478,7 @@ def reply_problem(request: bytes, reply: bytes, keys: list[bytes]) -> str | None
     if mtype & 0x3EEF not in KNOWN_METHODS:
         return None  # aioice cannot parse an unknown method; the framing was checked
     try:
-        message = aiostun.parse_message(reply)
+        message = parse_message(reply)
     except ValueError as exc:
         return f"aioice cannot parse it: {exc}"
     if message.message_class == Class.ERROR and message.error_code is None:
@@ -913,7 +912,7 @@ def confine_relays(
 async def expect_binding(client: StunClient, attempts: int = 3) -> None:
     """A Binding request gets a success with the client's own address. Over UDP it is
     retransmitted, as any STUN client would, in case a full socket buffer dropped it."""
-    request = aiostun.Message(Method.BINDING, Class.REQUEST)
+    request = TurnMessage(Method.BINDING, Class.REQUEST)
     response = None
     for _ in range(1 if client.tcp else attempts):
         with contextlib.suppress(TimeoutError):
@@ -1010,7 +1009,7 @@ async def tcp_stream(
             frames[:0] = preface  # pipelined, not waited for
     else:
         frames = whole_frames(corpus, cred, count, channel_data=style == "allocated")
-    binding = aiostun.Message(Method.BINDING, Class.REQUEST, corpus.txid())
+    binding = TurnMessage(Method.BINDING, Class.REQUEST, corpus.txid())
     stream = b"".join(frames) + bytes(binding)
     outcome = expected_outcome(stream, bytes(binding))
     reader, writer = await asyncio.open_connection(*address)
@@ -1031,7 +1030,7 @@ async def tcp_stream(
                     assert outcome == "answered or closed", "closed, but no garbage was sent"
                     outcome = "closed"
                 else:
-                    response = aiostun.parse_message(answer)
+                    response = parse_message(answer)
                     assert response.message_class == Class.RESPONSE, response
                     assert response.attributes["XOR-MAPPED-ADDRESS"] == local, response
             elif outcome == "garbage":
@@ -1155,7 +1154,7 @@ def test_signed_send_request_is_refused() -> None:
     data = corpus.valid(0x0006, harness.cred(client), lambda t: [])
     reply = harness.core.handle(data, client, NOW)
     assert reply is not None
-    assert aiostun.parse_message(reply).error_code == 400
+    assert parse_message(reply).error_code == 400
 
 
 def largest_send_indication(peer: tuple[str, int]) -> bytes:
@@ -1212,7 +1211,7 @@ async def test_tcp_client_that_never_reads_cannot_grow_server_memory(server: Tur
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     await loop.sock_connect(sock, ("127.0.0.1", server.port))
-    request = aiostun.Message(Method.ALLOCATE, Class.REQUEST, b"\x01" * 12)
+    request = TurnMessage(Method.ALLOCATE, Class.REQUEST, b"\x01" * 12)
     request.attributes["REQUESTED-TRANSPORT"] = 0x11000000
     blob = bytes(request) * 1000
     try:

@@ -7,12 +7,13 @@ import struct
 import time
 
 import pytest
-from aioice import stun as aiostun
-from aioice.stun import Class, Message, Method
+from aioice.stun import Class, Method
 from stunclient import StunClient
 from turnkit import PASSWORD, USER, ServerFactory
 
 from p2pserver.turn.server import TurnServer
+from p2pserver.turn.stun import TurnMessage as Message
+from p2pserver.turn.stun import parse_message
 
 TRANSPORTS = ["udp", "tcp"]
 
@@ -202,7 +203,7 @@ async def test_send_and_data_indications(
     assert (data, source) == (b"hello", relayed)  # "early" never arrived
     assert peer.transport is not None
     peer.transport.sendto(b"back", relayed)
-    indication = aiostun.parse_message(await client.receive())
+    indication = parse_message(await client.receive())
     assert indication.message_method == Method.DATA
     assert indication.attributes["DATA"] == b"back"
     assert indication.attributes["XOR-PEER-ADDRESS"] == peer.address
