@@ -143,7 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     turn.add_argument("--tls-port", type=int, default=d.tls_port, help="TURN over TLS port (5349)")
     turn.add_argument("--tls-cert", default=None, help="PEM certificate: enables TURN over TLS")
     turn.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
-    turn.add_argument("--relay-ip", type=_ip, default=None, help="address relay sockets bind to")
+    turn.add_argument(
+        "--relay-ip",
+        dest="relay_ips",
+        action="append",
+        type=_ip,
+        help="address relay sockets bind to; repeat once per family (an IPv4 and an IPv6 "
+        "address) for dual-stack relays (default: --turn-host)",
+    )
     turn.add_argument(
         "--external-ip",
         type=_ip,
@@ -198,8 +205,11 @@ def parse_settings(
     ns = parser.parse_args(_env_defaults(parser, dict(os.environ if environ is None else environ)))
     ns = parser.parse_args(argv, namespace=ns)
     values: dict[str, Any] = vars(ns)
-    for name in ("users", "allow_peers", "deny_peers"):
+    for name in ("users", "allow_peers", "deny_peers", "relay_ips"):
         values[name] = tuple(values[name] or ())
+    families = [":" in ip for ip in values["relay_ips"]]
+    if len(families) != len(set(families)):
+        parser.error("--relay-ip: at most one IPv4 and one IPv6 address")
     values["cors_origins"] = tuple(values["cors_origins"] or ("*",))
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         parser.error("--tls-cert and --tls-key go together")

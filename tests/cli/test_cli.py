@@ -46,7 +46,8 @@ def test_flags() -> None:
         environ={},
     )  # fmt: skip
     assert not s.http and s.turn_port == 3479
-    assert s.relay_ip == "192.0.2.5" and s.external_ip == "203.0.113.9"
+    assert s.relay_ips == ("192.0.2.5",) and s.external_ip == "203.0.113.9"
+    assert s.relay_bind_ips == {1: "192.0.2.5"}
     assert s.relay_ports == (50000, 50100) and s.realm == "chat.example"
     assert s.users == (("a", "b"), ("c", "d:e"))  # a password may contain ':'
     assert s.secret == "xyz"
@@ -70,6 +71,14 @@ def test_environment_variables_and_flags_win_over_them() -> None:
     assert s.realm == "flag.realm"
 
 
+def test_relay_ip_once_per_family() -> None:
+    s = parse_settings(["--relay-ip", "192.0.2.5", "--relay-ip", "2001:db8::5"], environ={})
+    assert s.relay_bind_ips == {1: "192.0.2.5", 2: "2001:db8::5"}
+    env = parse_settings([], environ={"P2P_RELAY_IP": "127.0.0.1,::1"})
+    assert env.relay_bind_ips == {1: "127.0.0.1", 2: "::1"}
+    assert parse_settings([], environ={}).relay_bind_ips == {1: "0.0.0.0"}  # --turn-host
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -80,6 +89,7 @@ def test_environment_variables_and_flags_win_over_them() -> None:
         ["--external-ip", "host.example"],
         ["--tls-cert", "cert.pem"],
         ["--no-http", "--no-turn"],
+        ["--relay-ip", "192.0.2.5", "--relay-ip", "192.0.2.6"],  # one per family
     ],
 )
 def test_bad_flags_exit_with_a_message(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,6 +7,7 @@ import struct
 import time
 
 import pytest
+from aioice import stun as aiostun
 from aioice.stun import Class, Method
 from stunclient import StunClient
 from turnkit import PASSWORD, USER, ServerFactory
@@ -353,7 +354,7 @@ async def test_dont_fragment_sets_df_on_the_relay_socket(server: TurnServer) -> 
     answer = await client.allocate(dont_fragment=None)
     assert answer.message_class == Class.RESPONSE
     (allocation,) = list(server.core.table)
-    sock = allocation.relay.sock  # type: ignore[attr-defined]
+    sock = allocation.relays[1].sock  # type: ignore[attr-defined]
     if hasattr(socket, "IP_MTU_DISCOVER"):  # Linux
         value = sock.getsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER)
         assert value == socket.IP_PMTUDISC_DO
@@ -404,3 +405,76 @@ async def test_tcp_connection_that_never_allocates_is_closed_when_idle(
     server.close_idle(later)
     await asyncio.wait_for(idle.protocol.closed.wait(), 5)  # type: ignore[union-attr]
     assert (await busy.request(Method.REFRESH)).message_class == Class.RESPONSE
+
+
+def all_attributes(raw: bytes, atype: int) -> list[bytes]:
+    """Every value of attribute `atype` in a STUN message, repeats included."""
+    values, pos = [], 20
+    while pos + 4 <= len(raw):
+        kind, length = struct.unpack_from("!HH", raw, pos)
+        if kind == atype:
+            values.append(raw[pos + 4 : pos + 4 + length])
+        pos += 4 + length + (-length & 3)
+    return values
+
+
+async def test_dual_stack_allocation_relays_to_ipv4_and_ipv6_peers(
+    make_server: ServerFactory,
+) -> None:
+    """RFC 8656 §7.2: ADDITIONAL-ADDRESS-FAMILY gets one allocation with two relayed addresses;
+    permissions, channels and the peer policy work per family."""
+    import ipaddress
+
+    allow = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    server = await make_server(relay_ips=("127.0.0.1", "::1"), allow_peers=allow)
+    loop = asyncio.get_running_loop()
+    _, peer4 = await loop.create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+    _, peer6 = await loop.create_datagram_endpoint(Peer, local_addr=("::1", 0))
+    try:
+        client = await connect(server, "udp")
+        await client.login(USER, PASSWORD)
+        answer = await client.allocate(additional_address_family=2)
+        assert answer.message_class == Class.RESPONSE, answer
+        assert "ADDRESS-ERROR-CODE" not in answer.attributes
+        raw = answer.raw  # type: ignore[attr-defined]
+        relayed = [
+            aiostun.unpack_xor_address(value, raw[8:20]) for value in all_attributes(raw, 0x0016)
+        ]
+        assert [ip for ip, _ in relayed] == ["127.0.0.1", "::1"], relayed
+        assert server.stats()["allocations"] == 1  # one allocation, two relayed addresses
+        relay4, relay6 = relayed
+
+        # The peer policy for both families: private and link-local peers stay refused.
+        for denied in (("10.0.0.1", 9), ("fe80::1", 9)):
+            refused = await client.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": denied})
+            assert refused.error_code == 403, denied
+        for number, peer in ((0x4000, peer4), (0x4001, peer6)):
+            bind = {"CHANNEL-NUMBER": number, "XOR-PEER-ADDRESS": peer.address}
+            bound = await client.request(Method.CHANNEL_BIND, bind)
+            assert bound.message_class == Class.RESPONSE, bound
+
+        for number, peer, relay in ((0x4000, peer4, relay4), (0x4001, peer6, relay6)):
+            payload = f"to {relay[0]}".encode()
+            client.send_channel_data(number, payload)
+            data, source = await asyncio.wait_for(peer.received.get(), 5)
+            assert (data, source[:2]) == (payload, relay)  # out of that family's relay
+            assert peer.transport is not None
+            peer.transport.sendto(payload[::-1], relay)
+            back = await client.receive()
+            assert struct.unpack("!H", back[:2])[0] == number and back[4:] == payload[::-1]
+
+        # A Send indication picks the relay of its peer's family too.
+        send = Message(
+            Method.SEND, Class.INDICATION, None, {"XOR-PEER-ADDRESS": peer6.address, "DATA": b"6"}
+        )
+        client.send_raw(bytes(send))
+        assert await asyncio.wait_for(peer6.received.get(), 5) == (b"6", (*relay6, 0, 0))
+        stats = server.stats()
+        assert (stats["peer_sentp"], stats["peer_rcvp"]) == (3, 2)
+        delete = await client.request(Method.REFRESH, {"LIFETIME": 0})
+        assert delete.message_class == Class.RESPONSE
+        assert server.stats()["allocations"] == 0
+    finally:
+        for peer in (peer4, peer6):
+            assert peer.transport is not None
+            peer.transport.close()

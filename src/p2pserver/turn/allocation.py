@@ -70,11 +70,17 @@ def granted_lifetime(requested: int | None, default: int, maximum: int) -> int:
     return max(default, min(requested, maximum))
 
 
+def family_of(ip: str) -> int:
+    """The STUN address family of an IP: 1 = IPv4, 2 = IPv6."""
+    return 2 if ":" in ip else 1
+
+
 @dataclass
 class Channel:
     number: int
     peer: Address
     expires: float
+    relay: Relay  # the allocation's relay of the peer's family
 
 
 @dataclass
@@ -82,8 +88,10 @@ class Allocation:
     five_tuple: FiveTuple
     username: str
     key: bytes  # the long-term key, to sign every response to this client
-    relay: Relay
-    relayed_address: Address  # what clients see: --external-ip, else the relay's address
+    # By address family (1 = IPv4, 2 = IPv6): one relay, or two for a dual-stack allocation
+    # (RFC 8656 §7.2); permissions and channels are per family through their peer's IP.
+    relays: dict[int, Relay]
+    relayed_addresses: dict[int, Address]  # what clients see: --external-ip, else the relay's
     expires: float
     send_to_client: Callable[[bytes], object]
     # The peer policy's check: every inbound datagram passes it, as every outbound one did.
@@ -99,11 +107,19 @@ class Allocation:
     peer_sentb: int = 0
 
     @property
+    def relayed_address(self) -> Address:
+        """The relayed address of the requested family (the first), for log lines."""
+        return next(iter(self.relayed_addresses.values()))
+
+    @property
     def send_drops(self) -> int:
-        return self.relay.dropped
+        return sum(relay.dropped for relay in self.relays.values())
 
     def send_to_peer(self, payload: bytes, peer: Address) -> None:
-        self.relay.sendto(payload, peer)
+        relay = self.relays.get(family_of(peer[0]))
+        if relay is None:
+            return  # no relay of the peer's family (a permission was checked for it: 443)
+        relay.sendto(payload, peer)
         self.peer_sentp += 1
         self.peer_sentb += len(payload)
 
@@ -117,7 +133,7 @@ class Allocation:
             return  # RFC 8656 §12.6: unbound channel or short message, discard
         if channel.peer[0] not in self.permissions:
             return  # the permission expired while the channel lived on
-        self.relay.sendto(data[4 : 4 + length], channel.peer)
+        channel.relay.sendto(data[4 : 4 + length], channel.peer)
         self.peer_sentp += 1
         self.peer_sentb += length
 
@@ -140,6 +156,9 @@ class Allocation:
 
     def bind_channel(self, number: int, peer: Address, now: float) -> str | None:
         """Bind or refresh a channel (RFC 8656 §12.2); returns why not, or None on success."""
+        relay = self.relays.get(family_of(peer[0]))
+        if relay is None:
+            return "No relay of the peer's address family"  # the handler answers 443 first
         current = self.channels.get(number)
         if current is not None and current.peer != peer:
             return "Channel already bound to another peer"
@@ -147,7 +166,7 @@ class Allocation:
         if bound is not None and bound != number:
             return "Peer already bound to another channel"
         if current is None:
-            current = self.channels[number] = Channel(number, peer, 0.0)
+            current = self.channels[number] = Channel(number, peer, 0.0, relay)
             self.peer_channels[peer] = number
         current.expires = now + CHANNEL_LIFETIME
         self.permit(peer[0], now)  # a ChannelBind also installs or refreshes the permission
@@ -200,7 +219,8 @@ class AllocationTable:
             self.per_user[allocation.username] -= 1
             if self.per_user[allocation.username] <= 0:
                 del self.per_user[allocation.username]
-            allocation.relay.close()
+            for relay in allocation.relays.values():
+                relay.close()
             self.stats.retire(allocation)  # its traffic stays in the totals
         return allocation
 

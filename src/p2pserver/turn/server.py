@@ -241,8 +241,9 @@ class TurnServer:
         if not (s.users or self.secret):
             log.warning("no --user and no --secret: every TURN request will be refused")
         loop = asyncio.get_running_loop()
-        self.relays = RelayPorts(s.turn_relay_ip, s.relay_ports, loop, on_fault=self._relay_fault)
-        own = [ip for ip in (s.relay_ip, s.external_ip, s.turn_host) if ip]
+        bind_ips = s.relay_bind_ips
+        self.relays = RelayPorts(bind_ips, s.relay_ports, loop, on_fault=self._relay_fault)
+        own = [ip for ip in (*s.relay_ips, s.external_ip, s.turn_host) if ip]
         self.policy = policy = PeerPolicy(
             allow=s.allow_peers,
             deny=s.deny_peers,
@@ -251,8 +252,8 @@ class TurnServer:
             listen_ports={s.turn_port, s.tls_port},
         )
         # Where relays are announced when they bind to a wildcard and nothing else says.
-        fallback_ip = _primary_ip(":" in s.turn_relay_ip)
-        self.core = TurnCore(s, self.relays, policy, self.secret, fallback_ip=fallback_ip)
+        fallback_ips = {family: _primary_ip(family == 2) for family in bind_ips}
+        self.core = TurnCore(s, self.relays, policy, self.secret, fallback_ips=fallback_ips)
         # Port 0 (tests) picks a free UDP port, which TCP may find taken: then try another.
         for attempt in range(1 if s.turn_port else 20):
             try:
@@ -267,7 +268,8 @@ class TurnServer:
         for transport_name, host, port in self.addresses:
             log.info("STUN/TURN listening on %s %s:%d", transport_name, host, port)
         low, high = s.relay_ports
-        log.info("relays on %s ports %d-%d, realm %r", s.turn_relay_ip, low, high, s.realm)
+        shown = " and ".join(bind_ips.values())
+        log.info("relays on %s ports %d-%d, realm %r", shown, low, high, s.realm)
 
     def _relay_fault(self) -> None:
         self.fault("relay", "relaying a datagram from a peer failed; dropped it")

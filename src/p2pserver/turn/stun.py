@@ -136,6 +136,11 @@ for _entry in (*_EXTRA, *_STRICT):
 KNOWN_TYPES = frozenset(ATTRIBUTES_BY_TYPE)
 
 
+class Repeated(tuple[Any, ...]):
+    """An attribute value written once per item: the attribute repeats (e.g. two
+    XOR-RELAYED-ADDRESS in a dual-stack Allocate success, RFC 8656 §7.2)."""
+
+
 class TurnMessage(Message):
     """aioice's Message, written and read with this codec's tables (`parse_message`)."""
 
@@ -145,11 +150,12 @@ class TurnMessage(Message):
         body = bytearray()
         for name, value in self.attributes.items():
             atype, _, pack, _ = ATTRIBUTES_BY_NAME[name]
-            if pack is stun.pack_xor_address:
-                packed = pack(value, self.transaction_id)
-            else:
-                packed = pack(value)
-            body += struct.pack("!HH", atype, len(packed)) + packed + bytes(-len(packed) & 3)
+            for item in value if isinstance(value, Repeated) else (value,):
+                if pack is stun.pack_xor_address:
+                    packed = pack(item, self.transaction_id)
+                else:
+                    packed = pack(item)
+                body += struct.pack("!HH", atype, len(packed)) + packed + bytes(-len(packed) & 3)
         kind = self.message_method | self.message_class
         return struct.pack("!HHI12s", kind, len(body), COOKIE, self.transaction_id) + body
 
