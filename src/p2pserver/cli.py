@@ -9,11 +9,12 @@ import ipaddress
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from p2pserver.config import Settings
+from p2pserver.config import Settings, StartupError
 
 log = logging.getLogger("p2pserver")
 
@@ -242,13 +243,47 @@ async def serve_turn_only(settings: Settings) -> None:
         await server.stop()
 
 
+async def _stored_secret(settings: Settings) -> str:
+    """Open the database once before serving, so that one that does not open ends start-up
+    with one line; return the TURN REST API secret (--secret, else the stored one)."""
+    from p2pserver.rooms import RoomStore
+
+    try:
+        # First with the sqlite3 module itself: aiosqlite leaves a worker thread behind when
+        # its connect fails, which then complains (with a traceback) about the closed loop.
+        with contextlib.closing(sqlite3.connect(settings.db)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        store = await RoomStore.open(settings.db, settings.room_ttl)
+    except (sqlite3.Error, OSError, RuntimeError) as exc:
+        raise StartupError(f"cannot open the database {settings.db}: {exc}") from exc
+    try:
+        return settings.secret or await store.turn_secret()
+    finally:
+        await store.close()
+
+
 async def serve_all(settings: Settings) -> None:
     from p2pserver.app import create_app
     from p2pserver.serving import DrainingServer, uvicorn_config
 
+    secret = await _stored_secret(settings)
     app = create_app(settings)
+    if settings.turn:
+        from p2pserver.turn.server import TurnServer
+
+        # Started before uvicorn, not in the app's lifespan, so that a port in use or a bad
+        # certificate is one line rather than a traceback relayed by uvicorn; the lifespan
+        # takes it from app.state and stops it at shutdown.
+        turn = TurnServer(settings, secret=secret)
+        await turn.start()
+        app.state.turn = turn
     server = DrainingServer(uvicorn_config(app, settings), drain=app.state.hub.close_all)
-    await server.serve()
+    try:
+        await server.serve()
+    finally:
+        if app.state.turn is not None:  # the lifespan never ran (or never ended)
+            await app.state.turn.stop()
+            app.state.turn = None
     if not server.started:
         raise SystemExit(1)
 
@@ -264,8 +299,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             import uvloop
         except ImportError:
-            asyncio.run(main_task)
+            run: Any = asyncio.run
         else:
             log.info("event loop: uvloop")  # where installed (docs/architecture.md)
-            uvloop.run(main_task)
+            run = uvloop.run
+        try:
+            run(main_task)
+        except StartupError as exc:
+            log.error("%s", exc)  # one line, no traceback: the operator's to fix (not a bug)
+            return 1
     return 0

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+class StartupError(Exception):
+    """What keeps the server from starting, said in one line (a port in use, a certificate that
+    does not load, a database that does not open): the CLI prints it and exits 1."""
+
+
 @dataclass(frozen=True)
 class Settings:
     # HTTP side (rooms, signaling)

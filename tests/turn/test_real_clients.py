@@ -13,6 +13,7 @@ import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from aioice import stun
@@ -25,6 +26,7 @@ from aiortc import (
     RTCPeerConnection,
 )
 from processkit import ServerProcess
+from turnkit import self_signed
 
 from p2pserver.credentials import rest_password
 from p2pserver.turn.server import TurnServer
@@ -286,7 +288,9 @@ CHANNEL_BOUND = re.compile(rb"cb response received: \s*\n[^\n]*success: 0x([0-9a
 TOTALS = re.compile(rb"start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
 
 
-async def start_server_process(*extra: str) -> ServerProcess:
+async def start_server_process(
+    *extra: str, transports: tuple[str, ...] = ("udp", "tcp")
+) -> ServerProcess:
     return await ServerProcess.start(
         "--no-http",
         "--turn-host",
@@ -302,6 +306,7 @@ async def start_server_process(*extra: str) -> ServerProcess:
         "--allow-peer",
         "127.0.0.0/8",
         *extra,
+        transports=transports,
     )
 
 
@@ -377,3 +382,18 @@ async def test_coturn_uclient_client_to_client(
         # 2 clients x (RTP, RTCP) sessions, each binding its peer's relayed address.
         assert len(bound) >= 4 and output.count(b"channel bind sent") == len(bound), output
         assert all(0x4000 <= n <= 0x7FFF for n in bound), bound
+
+
+async def test_coturn_uclient_over_tls(tmp_path: Path) -> None:
+    """TURN over TLS (RFC 8656 §3.1) with a client that is not aioice: uclient -t -S, channels."""
+    cert, key = self_signed(tmp_path)
+    server = await start_server_process(
+        "--tls-cert", cert, "--tls-key", key, "--tls-port", "0", transports=("udp", "tcp", "tls")
+    )
+    try:
+        command = uclient_command(server.ports["tls"], "-t", "-S", "-v")
+        code, output = await run_uclient(command)
+        check_uclient_run(code, output, server)
+        assert len(CHANNEL_BOUND.findall(output)) >= 4, output
+    finally:
+        await server.stop()

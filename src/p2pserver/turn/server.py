@@ -10,13 +10,14 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 import ssl
 import time
 from functools import partial
 from typing import cast
 
-from p2pserver.config import Settings
+from p2pserver.config import Settings, StartupError
 from p2pserver.turn.allocation import Address, FiveTuple
 from p2pserver.turn.datapath import is_channel
 from p2pserver.turn.framing import FramingError, StreamFramer
@@ -221,6 +222,7 @@ class TurnServer:
         self.policy: PeerPolicy
         self.core: TurnCore
         self.addresses: list[tuple[str, str, int]] = []
+        self._binding = ("udp", "", 0)  # what _listen() binds now, for the error if it fails
 
     def fault(self, kind: str, message: str) -> None:
         """Count a bug and log it, rate-limited, with the traceback being handled the first time
@@ -254,15 +256,20 @@ class TurnServer:
         # Where relays are announced when they bind to a wildcard and nothing else says.
         fallback_ips = {family: _primary_ip(family == 2) for family in bind_ips}
         self.core = TurnCore(s, self.relays, policy, self.secret, fallback_ips=fallback_ips)
+        tls = self._tls_context()
         # Port 0 (tests) picks a free UDP port, which TCP may find taken: then try another.
         for attempt in range(1 if s.turn_port else 20):
             try:
-                await self._listen(loop)
+                await self._listen(loop, tls)
                 break
             except OSError as exc:
                 await self.stop()
                 if s.turn_port or exc.errno != errno.EADDRINUSE or attempt == 19:
-                    raise
+                    transport, host, port = self._binding
+                    reason = _os_reason(exc)
+                    raise StartupError(
+                        f"STUN/TURN cannot listen on {transport} {host}:{port}: {reason}"
+                    ) from exc
         policy.listen_on(port for _, _, port in self.addresses)
         self._sweeper = asyncio.create_task(self._sweep())
         for transport_name, host, port in self.addresses:
@@ -274,8 +281,23 @@ class TurnServer:
     def _relay_fault(self) -> None:
         self.fault("relay", "relaying a datagram from a peer failed; dropped it")
 
-    async def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _tls_context(self) -> ssl.SSLContext | None:
         s = self.settings
+        if not (s.tls_cert and s.tls_key):
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(s.tls_cert, s.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = _os_reason(exc) if isinstance(exc, OSError) else str(exc)
+            raise StartupError(
+                f"cannot load --tls-cert {s.tls_cert} / --tls-key {s.tls_key}: {reason}"
+            ) from exc
+        return context
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLContext | None) -> None:
+        s = self.settings
+        self._binding = ("udp", s.turn_host, s.turn_port)
         transport, _ = await loop.create_datagram_endpoint(
             lambda: UdpListener(self), local_addr=(s.turn_host, s.turn_port)
         )
@@ -286,19 +308,19 @@ class TurnServer:
             )
         port = transport.get_extra_info("sockname")[1]
         self.addresses.append(("udp", s.turn_host, port))
+        self._binding = ("tcp", s.turn_host, port)
         tcp = await loop.create_server(
             lambda: StreamConnection(self, "tcp"), s.turn_host, port, reuse_address=True
         )
         self._servers.append(tcp)
         self.addresses.append(("tcp", s.turn_host, port))
-        if s.tls_cert and s.tls_key:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(s.tls_cert, s.tls_key)
-            tls = await loop.create_server(
-                lambda: StreamConnection(self, "tls"), s.turn_host, s.tls_port, ssl=context
+        if tls is not None:
+            self._binding = ("tls", s.turn_host, s.tls_port)
+            listener = await loop.create_server(
+                lambda: StreamConnection(self, "tls"), s.turn_host, s.tls_port, ssl=tls
             )
-            self._servers.append(tls)
-            self.addresses.append(("tls", s.turn_host, tls.sockets[0].getsockname()[1]))
+            self._servers.append(listener)
+            self.addresses.append(("tls", s.turn_host, listener.sockets[0].getsockname()[1]))
 
     async def _sweep(self) -> None:
         while True:
@@ -359,6 +381,18 @@ class TurnServer:
             "tcp_connections": len(self.connections),
             **core.stats.snapshot(core.table),
         }
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The operating system's words for an error ("Address already in use"), looking through
+    the wrappers some loops add ("could not bind to local_addr ...")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        number = getattr(seen, "errno", None)
+        if isinstance(number, int) and number > 0:
+            return os.strerror(number)
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)
 
 
 def _primary_ip(ipv6: bool) -> str:
