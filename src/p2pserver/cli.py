@@ -6,12 +6,15 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from p2pserver.config import Settings, StartupError
@@ -173,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"]
     )
+    p.add_argument(
+        "--ready-file",
+        default=None,
+        help="once every listener is up, write the ports they got here as JSON, e.g. "
+        '{"http": 3000, "udp": 3478, "tcp": 3478} (port 0 asks the OS for a free one)',
+    )
     return p
 
 
@@ -236,6 +245,7 @@ async def serve_turn_only(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     server = TurnServer(settings)
     await server.start()
+    _write_ready(settings, {name: port for name, _, port in server.addresses})
     try:
         await stop.wait()
     finally:
@@ -267,7 +277,7 @@ async def serve_all(settings: Settings) -> None:
     from p2pserver.serving import DrainingServer, uvicorn_config
 
     secret = await _stored_secret(settings)
-    app = create_app(settings)
+    turn = None
     if settings.turn:
         from p2pserver.turn.server import TurnServer
 
@@ -276,8 +286,25 @@ async def serve_all(settings: Settings) -> None:
         # takes it from app.state and stops it at shutdown.
         turn = TurnServer(settings, secret=secret)
         await turn.start()
-        app.state.turn = turn
-    server = DrainingServer(uvicorn_config(app, settings), drain=app.state.hub.close_all)
+        # With port 0 the OS chose: iceServers must name the ports actually bound.
+        bound = {name: port for name, _, port in turn.addresses}
+        settings = replace(
+            settings,
+            turn_port=bound["udp"],
+            tls_port=bound.get("tls", settings.tls_port),
+        )
+    app = create_app(settings)
+    app.state.turn = turn
+    turn_ports = {name: port for name, _, port in turn.addresses} if turn is not None else {}
+
+    class ReportingServer(DrainingServer):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                http_port = self.servers[0].sockets[0].getsockname()[1]
+                _write_ready(settings, {"http": http_port, **turn_ports})
+
+    server = ReportingServer(uvicorn_config(app, settings), drain=app.state.hub.close_all)
     try:
         await server.serve()
     finally:
@@ -286,6 +313,16 @@ async def serve_all(settings: Settings) -> None:
             app.state.turn = None
     if not server.started:
         raise SystemExit(1)
+
+
+def _write_ready(settings: Settings, ports: dict[str, int]) -> None:
+    """--ready-file: the ports, written whole (renamed into place) so a reader never sees half."""
+    if settings.ready_file is None:
+        return
+    temporary = f"{settings.ready_file}.tmp"
+    with open(temporary, "w", encoding="utf-8") as out:
+        json.dump(ports, out)
+    os.replace(temporary, settings.ready_file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

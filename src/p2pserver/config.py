@@ -56,6 +56,7 @@ class Settings:
     software: str = "p2pserver"
 
     log_level: str = "info"
+    ready_file: str | None = None  # where the bound ports are written once all listen
 
     @property
     def relay_bind_ips(self) -> dict[int, str]:

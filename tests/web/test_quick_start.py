@@ -37,7 +37,7 @@ def _need_netns() -> None:
 def test_quick_start_page_works_with_defaults_on_localhost_3000() -> None:
     _need_netns()
     env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
-    env["PYTHONPATH"] = str(HERE.parent)  # for netkit, as pytest's pythonpath gives the tests
+    env["PYTHONPATH"] = str(HERE.parent)  # for realtools, as pytest's pythonpath gives the tests
     # --fork --kill-child: if this test times out, nothing is left running in the namespace.
     command = ["unshare", "--net", "--fork", "--kill-child", "--"]
     command += [sys.executable, str(HERE / "quickstart.py")]
