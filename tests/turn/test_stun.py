@@ -18,7 +18,7 @@ from p2pserver.turn.auth import long_term_key
 from p2pserver.turn.stun import TurnMessage as Message
 from p2pserver.turn.stun import parse_message
 
-# A copy of ../shared/rfc5769-vectors.json, so the suite runs wherever the repository is cloned.
+# The RFC 5769 test vectors, kept in the repository so the suite runs wherever it is cloned.
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parents[1] / "data" / "rfc5769-vectors.json").read_text()
 )

@@ -140,7 +140,7 @@ class Allocation:
     def from_peer(self, data: bytes, peer: Address) -> None:
         """A datagram on the relay socket: to the client as ChannelData or a Data indication."""
         if peer[0] not in self.permissions or not self.permits(peer[0], peer[1]):
-            return  # RFC 8656 §11.4 / DESIGN.md peer policy: drop silently
+            return  # RFC 8656 §11.4, docs/turn.md "Peer policy": drop silently
         number = self.peer_channels.get(peer)
         if number is not None:
             self.send_to_client(channel_data(number, data, self.pad))
