@@ -474,6 +474,14 @@ async def test_dual_stack_allocation_relays_to_ipv4_and_ipv6_peers(
         delete = await client.request(Method.REFRESH, {"LIFETIME": 0})
         assert delete.message_class == Class.RESPONSE
         assert server.stats()["allocations"] == 0
+
+        # REQUESTED-ADDRESS-FAMILY picks one family of the two.
+        six = await connect(server, "udp")
+        await six.login(USER, PASSWORD)
+        only6 = await six.allocate(requested_address_family=2)
+        assert only6.attributes["XOR-RELAYED-ADDRESS"][0] == "::1", only6
+        v4 = {"XOR-PEER-ADDRESS": peer4.address}
+        assert (await six.request(Method.CREATE_PERMISSION, v4)).error_code == 443
     finally:
         for peer in (peer4, peer6):
             assert peer.transport is not None
