@@ -1,4 +1,6 @@
-"""Free ports on 127.0.0.1 for servers the tests start (tests/ is on pytest's pythonpath)."""
+"""Free ports on 127.0.0.1, for the few tests that must name a port to another program before
+it binds (podman's published ports). A p2pserver the tests start binds port 0 itself and
+reports what it got (--ready-file), which no other test can take meanwhile."""
 
 from __future__ import annotations
 

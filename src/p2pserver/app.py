@@ -247,7 +247,7 @@ def create_app(settings: Settings) -> Starlette:
         try:
             hub.store = store
             hub.secret = settings.secret or await store.turn_secret()
-            if settings.turn:
+            if settings.turn and app.state.turn is None:  # the CLI starts it before uvicorn
                 from p2pserver.turn.server import TurnServer
 
                 turn = TurnServer(settings, secret=hub.secret)

@@ -6,14 +6,18 @@ import argparse
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import signal
+import socket
+import sqlite3
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from p2pserver.config import Settings
+from p2pserver.config import Settings, StartupError
 from p2pserver.logs import configure_logging
 
 log = logging.getLogger("p2pserver")
@@ -149,7 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     turn.add_argument("--tls-port", type=int, default=d.tls_port, help="TURN over TLS port (5349)")
     turn.add_argument("--tls-cert", default=None, help="PEM certificate: enables TURN over TLS")
     turn.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
-    turn.add_argument("--relay-ip", type=_ip, default=None, help="address relay sockets bind to")
+    turn.add_argument(
+        "--relay-ip",
+        dest="relay_ips",
+        action="append",
+        type=_ip,
+        help="address relay sockets bind to; repeat once per family (an IPv4 and an IPv6 "
+        "address) for dual-stack relays (default: --turn-host)",
+    )
     turn.add_argument(
         "--external-ip",
         type=_ip,
@@ -182,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.log_format,
         choices=["text", "json"],
         help="text for a terminal, json for one object per line (text)",
+    )
+    p.add_argument(
+        "--ready-file",
+        default=None,
+        help="once every listener is up, write the ports they got here as JSON, e.g. "
+        '{"http": 3000, "udp": 3478, "tcp": 3478} (port 0 asks the OS for a free one)',
     )
     return p
 
@@ -216,8 +233,11 @@ def parse_settings(
     ns = parser.parse_args(_env_defaults(parser, dict(os.environ if environ is None else environ)))
     ns = parser.parse_args(argv, namespace=ns)
     values: dict[str, Any] = vars(ns)
-    for name in ("users", "allow_peers", "deny_peers"):
+    for name in ("users", "allow_peers", "deny_peers", "relay_ips"):
         values[name] = tuple(values[name] or ())
+    families = [":" in ip for ip in values["relay_ips"]]
+    if len(families) != len(set(families)):
+        parser.error("--relay-ip: at most one IPv4 and one IPv6 address")
     values["cors_origins"] = tuple(values["cors_origins"] or ("*",))
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         parser.error("--tls-cert and --tls-key go together")
@@ -244,6 +264,7 @@ async def serve_turn_only(settings: Settings) -> None:
     server = TurnServer(settings)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     await server.start()
+    _write_ready(settings, {name: port for name, _, port in server.addresses})
     try:
         await stop.wait()
     finally:
@@ -251,25 +272,82 @@ async def serve_turn_only(settings: Settings) -> None:
         await server.stop()
 
 
+async def _stored_secret(settings: Settings) -> str:
+    """Open the database once before serving, so that one that does not open ends start-up
+    with one line; return the TURN REST API secret (--secret, else the stored one)."""
+    from p2pserver.rooms import RoomStore
+
+    try:
+        # First with the sqlite3 module itself: aiosqlite leaves a worker thread behind when
+        # its connect fails, which then complains (with a traceback) about the closed loop.
+        with contextlib.closing(sqlite3.connect(settings.db)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        store = await RoomStore.open(settings.db, settings.room_ttl)
+    except (sqlite3.Error, OSError, RuntimeError) as exc:
+        raise StartupError(f"cannot open the database {settings.db}: {exc}") from exc
+    try:
+        return settings.secret or await store.turn_secret()
+    finally:
+        await store.close()
+
+
 async def serve_all(settings: Settings) -> None:
     from p2pserver.app import create_app
     from p2pserver.serving import DrainingServer, uvicorn_config
 
+    secret = await _stored_secret(settings)
+    turn = None
+    if settings.turn:
+        from p2pserver.turn.server import TurnServer
+
+        # Started before uvicorn, not in the app's lifespan, so that a port in use or a bad
+        # certificate is one line rather than a traceback relayed by uvicorn; the lifespan
+        # takes it from app.state and stops it at shutdown.
+        turn = TurnServer(settings, secret=secret)
+        await turn.start()
+        # With port 0 the OS chose: iceServers must name the ports actually bound.
+        bound = {name: port for name, _, port in turn.addresses}
+        settings = replace(
+            settings,
+            turn_port=bound["udp"],
+            tls_port=bound.get("tls", settings.tls_port),
+        )
     app = create_app(settings)
+    app.state.turn = turn
+    turn_ports = {name: port for name, _, port in turn.addresses} if turn is not None else {}
+    if turn is not None:  # SIGHUP: a renewed certificate for TURN over TLS (docs/operations.md)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, turn.reload_tls)
 
-    def reload_tls() -> None:  # the TURN server lives in the app's lifespan, if it runs yet
-        if app.state.turn is not None:
-            app.state.turn.reload_tls()
+    class ReportingServer(DrainingServer):
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                http_port = self.servers[0].sockets[0].getsockname()[1]
+                _write_ready(settings, {"http": http_port, **turn_ports})
 
-    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_tls)
-    server = DrainingServer(
+    server = ReportingServer(
         uvicorn_config(app, settings),
         drain=app.state.hub.close_all,
         health_file=settings.health_file,
     )
-    await server.serve()
+    try:
+        await server.serve()
+    finally:
+        if app.state.turn is not None:  # the lifespan never ran (or never ended)
+            await app.state.turn.stop()
+            app.state.turn = None
     if not server.started:
         raise SystemExit(1)
+
+
+def _write_ready(settings: Settings, ports: dict[str, int]) -> None:
+    """--ready-file: the ports, written whole (renamed into place) so a reader never sees half."""
+    if settings.ready_file is None:
+        return
+    temporary = f"{settings.ready_file}.tmp"
+    with open(temporary, "w", encoding="utf-8") as out:
+        json.dump(ports, out)
+    os.replace(temporary, settings.ready_file)
 
 
 def database_problem(path: str) -> str | None:
@@ -315,7 +393,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             import uvloop
         except ImportError:
-            asyncio.run(main_task)
+            run: Any = asyncio.run
         else:
-            uvloop.run(main_task)  # DESIGN.md: uvloop where installed
+            log.info("event loop: uvloop")  # where installed (docs/architecture.md)
+            run = uvloop.run
+        try:
+            run(main_task)
+        except StartupError as exc:
+            log.error("%s", exc)  # one line, no traceback: the operator's to fix (not a bug)
+            return 1
     return 0

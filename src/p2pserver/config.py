@@ -8,6 +8,11 @@ from dataclasses import dataclass
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+class StartupError(Exception):
+    """What keeps the server from starting, said in one line (a port in use, a certificate that
+    does not load, a database that does not open): the CLI prints it and exits 1."""
+
+
 @dataclass(frozen=True)
 class Settings:
     # HTTP side (rooms, signaling)
@@ -38,7 +43,7 @@ class Settings:
     tls_port: int = 5349
     tls_cert: str | None = None
     tls_key: str | None = None
-    relay_ip: str | None = None
+    relay_ips: tuple[str, ...] = ()  # at most one per address family
     external_ip: str | None = None
     relay_ports: tuple[int, int] = (49152, 65535)
     realm: str = "p2pserver"
@@ -56,8 +61,11 @@ class Settings:
 
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line (docs/operations.md)
+    ready_file: str | None = None  # where the bound ports are written once all listen
 
     @property
-    def turn_relay_ip(self) -> str:
-        """Address relay sockets bind to: --relay-ip, else the TURN listen address."""
-        return self.relay_ip or self.turn_host
+    def relay_bind_ips(self) -> dict[int, str]:
+        """Where relay sockets bind, by STUN address family (1 = IPv4, 2 = IPv6): each
+        --relay-ip, else the TURN listen address. Two families make dual-stack allocations
+        possible (RFC 8656 §7.2)."""
+        return {2 if ":" in ip else 1: ip for ip in self.relay_ips or (self.turn_host,)}

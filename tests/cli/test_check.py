@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from netkit import free_turn_port
 from serverlog import TIMEOUT, Server
 from tlskit import self_signed
 
@@ -31,24 +30,17 @@ def run_check(url: str) -> tuple[int, str]:
 
 
 async def start(tmp_path: Path, *extra: str) -> tuple[Server, str]:
-    """A whole server on loopback: HTTP on port 0, TURN on a port the iceServers can name."""
-    for _ in range(5):  # a TURN port taken meanwhile by another test: try another
-        server = Server(
-            [
-                "--http-host", "127.0.0.1", "--http-port", "0",
-                "--turn-host", "127.0.0.1", "--turn-port", str(free_turn_port()),
-                "--db", str(tmp_path / "rooms.db"), *extra,
-            ],
-            tmp_path / "server.log",
-        )  # fmt: skip
-        try:
-            match = await server.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
-            return server, match[1]
-        except AssertionError:
-            if "address already in use" not in server.text().lower():
-                raise
-            server.stop()
-    raise AssertionError("no free TURN port in 5 tries")
+    """A whole server on loopback, every port 0: the iceServers name the ports bound."""
+    server = Server(
+        [
+            "--http-host", "127.0.0.1", "--http-port", "0",
+            "--turn-host", "127.0.0.1", "--turn-port", "0", "--tls-port", "0",
+            "--db", str(tmp_path / "rooms.db"), *extra,
+        ],
+        tmp_path / "server.log",
+    )  # fmt: skip
+    match = await server.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)")
+    return server, match[1]
 
 
 async def self_test_report(base: str) -> dict:
@@ -64,12 +56,9 @@ async def self_test_report(base: str) -> dict:
 
 async def test_check_passes_against_a_healthy_server_on_every_transport(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
-    tls_port = free_turn_port()
     server, base = await start(
-        tmp_path,
-        "--allow-peer", "127.0.0.0/8",
-        "--tls-cert", cert, "--tls-key", key, "--tls-port", str(tls_port),
-    )  # fmt: skip
+        tmp_path, "--allow-peer", "127.0.0.0/8", "--tls-cert", cert, "--tls-key", key
+    )
     try:
         status, output = run_check(base)
         report = await self_test_report(base)

@@ -6,9 +6,11 @@ import ipaddress
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -46,7 +48,8 @@ def test_flags() -> None:
         environ={},
     )  # fmt: skip
     assert not s.http and s.turn_port == 3479
-    assert s.relay_ip == "192.0.2.5" and s.external_ip == "203.0.113.9"
+    assert s.relay_ips == ("192.0.2.5",) and s.external_ip == "203.0.113.9"
+    assert s.relay_bind_ips == {1: "192.0.2.5"}
     assert s.relay_ports == (50000, 50100) and s.realm == "chat.example"
     assert s.users == (("a", "b"), ("c", "d:e"))  # a password may contain ':'
     assert s.secret == "xyz"
@@ -70,6 +73,14 @@ def test_environment_variables_and_flags_win_over_them() -> None:
     assert s.realm == "flag.realm"
 
 
+def test_relay_ip_once_per_family() -> None:
+    s = parse_settings(["--relay-ip", "192.0.2.5", "--relay-ip", "2001:db8::5"], environ={})
+    assert s.relay_bind_ips == {1: "192.0.2.5", 2: "2001:db8::5"}
+    env = parse_settings([], environ={"P2P_RELAY_IP": "127.0.0.1,::1"})
+    assert env.relay_bind_ips == {1: "127.0.0.1", 2: "::1"}
+    assert parse_settings([], environ={}).relay_bind_ips == {1: "0.0.0.0"}  # --turn-host
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -80,6 +91,7 @@ def test_environment_variables_and_flags_win_over_them() -> None:
         ["--external-ip", "host.example"],
         ["--tls-cert", "cert.pem"],
         ["--no-http", "--no-turn"],
+        ["--relay-ip", "192.0.2.5", "--relay-ip", "192.0.2.6"],  # one per family
     ],
 )
 def test_bad_flags_exit_with_a_message(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -121,3 +133,53 @@ def test_inconsistent_http_limits_are_a_usage_error(capsys: pytest.CaptureFixtur
         parse_settings(["--room-peers", "9", "--max-room-peers", "8"], environ={})
     assert info.value.code == 2
     assert "--room-peers" in capsys.readouterr().err
+
+
+def run_failing_start(args: list[str], cwd: Path) -> str:
+    """Run `p2pserver args` expecting it to refuse to start; return what it wrote."""
+    command = [sys.executable, "-m", "p2pserver", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
+    result = subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, output  # one clear line
+    return errors[0]
+
+
+@pytest.mark.parametrize("http", [False, True], ids=["turn-only", "http-and-turn"])
+def test_turn_port_in_use_is_one_line(tmp_path: Path, http: bool) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        args = ["--turn-host", "127.0.0.1", "--turn-port", str(port), "--user", "a:b"]
+        if http:
+            args += ["--http-host", "127.0.0.1", "--http-port", "0", "--db", "rooms.db"]
+        else:
+            args.append("--no-http")
+        line = run_failing_start(args, tmp_path)
+    assert f"STUN/TURN cannot listen on udp 127.0.0.1:{port}" in line, line
+    assert "in use" in line, line
+
+
+def test_missing_certificate_is_one_line(tmp_path: Path) -> None:
+    missing = str(tmp_path / "nowhere" / "cert.pem")
+    args = ["--no-http", "--turn-host", "127.0.0.1", "--turn-port", "0", "--user", "a:b"]
+    args += ["--tls-cert", missing, "--tls-key", missing, "--tls-port", "0"]
+    line = run_failing_start(args, tmp_path)
+    assert f"cannot load --tls-cert {missing}" in line and "No such file" in line, line
+
+
+@pytest.mark.parametrize("kind", ["not-sqlite", "directory"])
+def test_unreadable_database_is_one_line(tmp_path: Path, kind: str) -> None:
+    db = tmp_path / "rooms.db"
+    if kind == "not-sqlite":
+        db.write_bytes(b"this is not an SQLite database, it is a text file\n" * 100)
+    else:
+        db.mkdir()
+    args = ["--no-turn", "--http-host", "127.0.0.1", "--http-port", "0", "--db", str(db)]
+    line = run_failing_start(args, tmp_path)
+    assert f"cannot open the database {db}" in line, line

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 from httpkit import Process, Server, StartProcess, StartServer, wait_until
 
-from netkit import free_port
 from p2pserver.app import create_app
 from p2pserver.config import Settings
 from p2pserver.serving import DrainingServer, uvicorn_config
@@ -63,21 +62,25 @@ async def start_process(tmp_path: Path) -> AsyncIterator[StartProcess]:
     """Start the real `p2pserver` command; extra flags are passed through."""
     started: list[tuple[Process, Server]] = []
 
-    async def start(*flags: str, db: Path | None = None, http_port: int | None = None) -> Any:
-        port = http_port or free_port()
+    async def start(*flags: str, db: Path | None = None) -> Any:
+        ready = tmp_path / f"ready-{len(started)}.json"
         args = [
             "--http-host",
             "127.0.0.1",
             "--http-port",
-            str(port),
+            "0",  # the server binds a free port itself and says which in --ready-file
             "--db",
             str(db or tmp_path / "rooms.db"),
             "--log-level",
             "warning",
+            "--ready-file",
+            str(ready),
             *flags,
         ]
         process = Process(args, tmp_path / "server.log")
         process.start()
+        process.ports = await process.wait_ports(ready)
+        port = process.ports["http"]
         handle = Server(f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", Settings())
         started.append((process, handle))
         await process.wait_ready(handle.http_url)

@@ -138,6 +138,7 @@ class Process:
         self.args = args
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self.ports: dict[str, int] = {}  # what it bound, by "http", "udp", "tcp", "tls"
 
     def start(self) -> None:
         log = self.log_path.open("ab")
@@ -153,6 +154,19 @@ class Process:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    async def wait_ports(self, ready_file: Path) -> dict[str, int]:
+        """The ports the server got: it binds port 0 itself and writes them to --ready-file."""
+
+        def written() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited {self.proc.returncode}:\n{self.log()}")
+            return ready_file.exists()
+
+        await wait_until(written, 60)
+        ports: dict[str, int] = json.loads(ready_file.read_text())
+        return ports
 
     async def wait_ready(self, http_url: str) -> None:
         async def ready() -> bool:

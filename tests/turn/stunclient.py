@@ -7,11 +7,11 @@ import hashlib
 import struct
 from typing import Any
 
-from aioice import stun
-from aioice.stun import Class, Message, Method
+from aioice.stun import Class, Method
 
-import p2pserver.turn.stun  # noqa: F401  (registers the TURN attributes with aioice)
 from p2pserver.turn.framing import StreamFramer
+from p2pserver.turn.stun import TurnMessage as Message
+from p2pserver.turn.stun import parse_message
 
 TIMEOUT = 5.0
 
@@ -96,7 +96,7 @@ class StunClient:
             left = deadline - asyncio.get_running_loop().time()
             raw = await asyncio.wait_for(self.protocol.queue.get(), max(left, 0.01))
             if raw[0] & 0xC0 == 0 and raw[8:20] == transaction_id:
-                message = stun.parse_message(raw)
+                message = parse_message(raw)
                 message.raw = raw  # type: ignore[attr-defined]
                 return message
             self.pending.append(raw)

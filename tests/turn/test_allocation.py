@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aioice import stun as aiostun
-from aioice.stun import Class, Message, Method
+from aioice.stun import Class, Method
 
 from p2pserver.config import Settings
 from p2pserver.turn.allocation import (
@@ -22,6 +22,8 @@ from p2pserver.turn.auth import long_term_key
 from p2pserver.turn.datapath import channel_data, parse_send
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
+from p2pserver.turn.stun import TurnMessage as Message
+from p2pserver.turn.stun import parse_message
 
 NOW = 1_800_000_000.0
 PEER = ("8.8.8.8", 4000)
@@ -107,7 +109,7 @@ class Harness:
         message.add_message_integrity(long_term_key(user, "r", password))
         raw = self.core.handle(bytes(message), client, self.now)
         assert raw is not None
-        return aiostun.parse_message(raw)
+        return parse_message(raw)
 
     def allocate(self, **attrs: Any) -> Message:
         base: dict[str, Any] = {"REQUESTED-TRANSPORT": 0x11000000}
@@ -287,7 +289,7 @@ def _multi_peer_request(h: Harness, peers: list[Address]) -> Message:
     full = full[:2] + (len(full) - 20).to_bytes(2) + full[4:]
     answer = h.core.handle(full, h.client, h.now)
     assert answer is not None
-    return aiostun.parse_message(answer)
+    return parse_message(answer)
 
 
 def test_policy_refuses_private_and_loopback_peers_unless_allowed() -> None:
@@ -313,7 +315,7 @@ def test_channel_bind_rules() -> None:
 
     assert bind(0x4000, ("2001:4860::1", 1)).error_code == 443  # IPv6 peer, IPv4 relay
     assert bind(0x3FFF, PEER).error_code == 400
-    assert bind(0x5000, PEER).error_code == 400
+    assert bind(0x8000, PEER).error_code == 400  # past RFC 5766's 0x7FFF
     assert h.request(Method.CHANNEL_BIND, {"CHANNEL-NUMBER": 0x4000}).error_code == 400
     assert bind(0x4000, PEER).message_class == Class.RESPONSE
     assert "8.8.8.8" in allocation.permissions  # ChannelBind installs the permission
@@ -341,7 +343,7 @@ def test_data_path_needs_a_permission_both_ways() -> None:
     relay.on_datagram(b"hello", PEER)
     assert h.to_client == [channel_data(0x4001, b"hello", pad=False)]
     relay.on_datagram(b"other port", ("8.8.8.8", 4001))  # same IP, no channel: Data indication
-    indication = aiostun.parse_message(h.to_client[-1])
+    indication = parse_message(h.to_client[-1])
     assert indication.message_method == Method.DATA
     assert indication.attributes["XOR-PEER-ADDRESS"] == ("8.8.8.8", 4001)
     assert indication.attributes["DATA"] == b"other port"
@@ -372,7 +374,7 @@ def test_send_indication_relays_only_with_permission() -> None:
 def test_unauthenticated_requests_create_no_state() -> None:
     h = Harness()
     unsigned = Message(Method.ALLOCATE, Class.REQUEST, None, {"REQUESTED-TRANSPORT": 0x11000000})
-    answer = aiostun.parse_message(h.core.handle(bytes(unsigned), h.client, NOW) or b"")
+    answer = parse_message(h.core.handle(bytes(unsigned), h.client, NOW) or b"")
     assert answer.error_code == 401
     assert answer.attributes["REALM"] == "r" and answer.attributes["NONCE"]
     wrong = h.request(Method.ALLOCATE, {"REQUESTED-TRANSPORT": 0x11000000}, password="nope")

@@ -11,8 +11,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,9 +25,12 @@ from aiortc import (
     RTCIceTransportPolicy,
     RTCPeerConnection,
 )
+from processkit import ServerProcess
 
 from p2pserver.credentials import rest_password
 from p2pserver.turn.server import TurnServer
+from realtools import need_program
+from tlskit import self_signed
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +128,7 @@ async def test_aioice_relays_both_ways(
             assert (data, source) == (back, peer_addr), f"peer->client, {size} bytes"
 
         assert client.errors == [] and peer.errors == []
-        assert open_server.stats()["internal_errors"] == 0
+        assert open_server.stats()["faults"] == 0
     finally:
         turn.close()
         peer_transport.close()
@@ -269,8 +270,8 @@ async def test_aiortc_data_channel_over_relay(
     assert received_b == to_b
     assert received_a == to_a
     # The bytes went through this server's relays, not some other path.
-    assert sum(alloc.relayed_out for alloc in open_server.core.table) > 9001 + 8000
-    assert open_server.stats()["internal_errors"] == 0
+    assert open_server.stats()["peer_sentb"] > 9001 + 8000
+    assert open_server.stats()["faults"] == 0
 
     # Closing deletes both allocations (Refresh LIFETIME 0 over UDP, the connection over TCP).
     for pc in (a, b):
@@ -280,67 +281,17 @@ async def test_aiortc_data_channel_over_relay(
 
 # --- 3. coturn's turnutils_uclient against `p2pserver` as a process ---------------------------
 
-UCLIENT = shutil.which("turnutils_uclient")
-P2PSERVER = Path(sys.executable).with_name("p2pserver")
-LISTENING = re.compile(rb"STUN/TURN listening on (udp|tcp) 127\.0\.0\.1:(\d+)")
 LOST = re.compile(
     rb"Total lost packets (\d+) \(([\d.]+)%\), total send dropped (\d+) \(([\d.]+)%\)"
 )
+CHANNEL_BOUND = re.compile(rb"cb response received: \s*\n[^\n]*success: 0x([0-9a-f]{4})")
 TOTALS = re.compile(rb"start_mclient: tot_send_msgs=(\d+), tot_recv_msgs=(\d+)")
 
 
-class ServerProcess:
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-        self.port = 0
-        self.log: list[bytes] = []
-        self._reader: asyncio.Task[None] | None = None
-
-    async def wait_listening(self) -> None:
-        """Read the log until UDP and TCP both listen; the port comes from there (port 0)."""
-        stream = self.process.stderr
-        assert stream is not None
-        seen: set[bytes] = set()
-        try:
-            async with asyncio.timeout(TIMEOUT):
-                while len(seen) < 2:
-                    line = await stream.readline()
-                    if not line:
-                        raise AssertionError(f"p2pserver exited:\n{self.text()}")
-                    self.log.append(line)
-                    match = LISTENING.search(line)
-                    if match:
-                        seen.add(match[1])
-                        self.port = int(match[2])
-        except TimeoutError:
-            raise AssertionError(f"p2pserver did not start listening:\n{self.text()}") from None
-        self._reader = asyncio.create_task(self._drain(stream))
-
-    def text(self) -> str:
-        return b"".join(self.log).decode(errors="replace")
-
-    async def _drain(self, stream: asyncio.StreamReader) -> None:
-        while line := await stream.readline():  # keep reading, or a full pipe blocks the server
-            self.log.append(line)
-
-    async def stop(self) -> None:
-        if self.process.returncode is None:
-            self.process.terminate()
-            try:
-                await asyncio.wait_for(self.process.wait(), TIMEOUT)
-            except TimeoutError:
-                self.process.kill()
-                await self.process.wait()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._reader, TIMEOUT)
-
-
-@pytest.fixture
-async def server_process() -> AsyncIterator[ServerProcess]:
-    """A fresh `p2pserver` per test: uclient's allocations count against alice's quota."""
-    process = await asyncio.create_subprocess_exec(
-        str(P2PSERVER),
+async def start_server_process(
+    *extra: str, transports: tuple[str, ...] = ("udp", "tcp")
+) -> ServerProcess:
+    return await ServerProcess.start(
         "--no-http",
         "--turn-host",
         LOCALHOST,
@@ -348,17 +299,22 @@ async def server_process() -> AsyncIterator[ServerProcess]:
         "0",  # the OS picks a free UDP port, TCP takes the same one, the log says which
         "--user",
         f"{USER}:{PASSWORD}",
+        "--secret",
+        SECRET,
         "--realm",
         REALM,
         "--allow-peer",
         "127.0.0.0/8",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+        *extra,
+        transports=transports,
     )
-    server = ServerProcess(process)
+
+
+@pytest.fixture
+async def server_process() -> AsyncIterator[ServerProcess]:
+    """A fresh `p2pserver` per test: uclient's allocations count against alice's quota."""
+    server = await start_server_process()
     try:
-        await server.wait_listening()
         yield server
     finally:
         await server.stop()
@@ -382,27 +338,20 @@ async def run_uclient(args: list[str]) -> tuple[int, bytes]:
     return process.returncode, output
 
 
-def uclient_command(port: int, tcp: bool) -> list[str]:
-    assert UCLIENT is not None
+def uclient_command(port: int, *flags: str, rest: bool = False) -> list[str]:
+    uclient = need_program("turnutils_uclient", "apt-get install coturn; .ci/run does")
     # -y: two clients relay to each other's relayed address (client-to-client), so no
     #     turnutils_peer is needed; -m 2 such pairs, -n 20 messages of -l 121 bytes (odd: the
     #     TCP path pads). uclient has no realm flag: it takes the realm from the 401.
-    # -s: Send/Data indications. Without it uclient picks random channel numbers in
-    #     0x4000-0x7FFF (RFC 5766); RFC 8656 §12 allows only 0x4000-0x4FFF and the server
-    #     answers 400 to the rest, so most runs would stop at the first ChannelBind.
-    command = [UCLIENT, "-u", USER, "-w", PASSWORD, "-y", "-s", "-m", "2", "-n", "20", "-l", "121"]
-    command += ["-e", LOCALHOST, "-p", str(port), LOCALHOST]
-    if tcp:
-        command.insert(1, "-t")
-    return command
+    # Without -s uclient binds channels with random numbers from all of 0x4000-0x7FFF
+    # (RFC 5766), which the server accepts (docs/turn.md); -s uses Send/Data indications.
+    # -W: TURN REST API credentials made from the secret (the name gets an expiry prefix).
+    secret = ["-W", SECRET] if rest else ["-w", PASSWORD]
+    command = [uclient, *flags, "-u", USER, *secret, "-y", "-m", "2", "-n", "20", "-l", "121"]
+    return [*command, "-e", LOCALHOST, "-p", str(port), LOCALHOST]
 
 
-@pytest.mark.skipif(UCLIENT is None, reason="turnutils_uclient not installed (apt install coturn)")
-@pytest.mark.parametrize("transport", ["udp", "tcp"])
-async def test_coturn_uclient_client_to_client(
-    server_process: ServerProcess, transport: str
-) -> None:
-    code, output = await run_uclient(uclient_command(server_process.port, transport == "tcp"))
+def check_uclient_run(code: int, output: bytes, server: ServerProcess) -> None:
     text = output.decode(errors="replace")
     assert code == 0, text
     lost = LOST.findall(output)
@@ -414,4 +363,37 @@ async def test_coturn_uclient_client_to_client(
     # uclient runs 4 sessions here (2 clients, RTP and RTCP each) of 20 messages.
     assert sent == received == 80, text
     assert b" error " not in output, text
-    assert "ERROR" not in server_process.text(), server_process.text()
+    assert "ERROR" not in server.text(), server.text()
+
+
+@pytest.mark.parametrize("credentials", ["static", "rest"])
+@pytest.mark.parametrize("mode", ["channels", "send"])
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_coturn_uclient_client_to_client(
+    server_process: ServerProcess, transport: str, mode: str, credentials: str
+) -> None:
+    # -v in channel mode: uclient then prints each ChannelBind answer with its number.
+    flags = (["-t"] if transport == "tcp" else []) + (["-s"] if mode == "send" else ["-v"])
+    command = uclient_command(server_process.port, *flags, rest=credentials == "rest")
+    code, output = await run_uclient(command)
+    check_uclient_run(code, output, server_process)
+    if mode == "channels":
+        bound = [int(n, 16) for n in CHANNEL_BOUND.findall(output)]
+        # 2 clients x (RTP, RTCP) sessions, each binding its peer's relayed address.
+        assert len(bound) >= 4 and output.count(b"channel bind sent") == len(bound), output
+        assert all(0x4000 <= n <= 0x7FFF for n in bound), bound
+
+
+async def test_coturn_uclient_over_tls(tmp_path: Path) -> None:
+    """TURN over TLS (RFC 8656 §3.1) with a client that is not aioice: uclient -t -S, channels."""
+    cert, key = self_signed(tmp_path)
+    server = await start_server_process(
+        "--tls-cert", cert, "--tls-key", key, "--tls-port", "0", transports=("udp", "tcp", "tls")
+    )
+    try:
+        command = uclient_command(server.ports["tls"], "-t", "-S", "-v")
+        code, output = await run_uclient(command)
+        check_uclient_run(code, output, server)
+        assert len(CHANNEL_BOUND.findall(output)) >= 4, output
+    finally:
+        await server.stop()

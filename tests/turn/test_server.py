@@ -8,11 +8,13 @@ import time
 
 import pytest
 from aioice import stun as aiostun
-from aioice.stun import Class, Message, Method
+from aioice.stun import Class, Method
 from stunclient import StunClient
 from turnkit import PASSWORD, USER, ServerFactory
 
 from p2pserver.turn.server import TurnServer
+from p2pserver.turn.stun import TurnMessage as Message
+from p2pserver.turn.stun import parse_message
 
 TRANSPORTS = ["udp", "tcp"]
 
@@ -202,31 +204,61 @@ async def test_send_and_data_indications(
     assert (data, source) == (b"hello", relayed)  # "early" never arrived
     assert peer.transport is not None
     peer.transport.sendto(b"back", relayed)
-    indication = aiostun.parse_message(await client.receive())
+    indication = parse_message(await client.receive())
     assert indication.message_method == Method.DATA
     assert indication.attributes["DATA"] == b"back"
     assert indication.attributes["XOR-PEER-ADDRESS"] == peer.address
 
 
+# 0x7FFF: the top of RFC 5766's range, which old clients still use (datapath.is_channel); its
+# first byte 0x7F must reach the channel path on UDP and through the TCP framer.
+@pytest.mark.parametrize("channel", [0x4321, 0x7FFF])
 @pytest.mark.parametrize("transport", TRANSPORTS)
-async def test_channel_data_both_ways(open_server: TurnServer, peer: Peer, transport: str) -> None:
+async def test_channel_data_both_ways(
+    open_server: TurnServer, peer: Peer, transport: str, channel: int
+) -> None:
     client, relayed = await allocated(open_server, transport)
-    bind = {"CHANNEL-NUMBER": 0x4321, "XOR-PEER-ADDRESS": peer.address}
+    bind = {"CHANNEL-NUMBER": channel, "XOR-PEER-ADDRESS": peer.address}
     assert (await client.request(Method.CHANNEL_BIND, bind)).message_class == Class.RESPONSE
     for size in (1, 3, 100, 1201):
         payload = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
-        client.send_channel_data(0x4321, payload)
+        client.send_channel_data(channel, payload)
         assert await asyncio.wait_for(peer.received.get(), 5) == (payload, relayed)
         assert peer.transport is not None
         peer.transport.sendto(payload[::-1], relayed)
         raw = await client.receive()
         number, length = struct.unpack("!HH", raw[:4])
-        assert number == 0x4321 and raw[4 : 4 + length] == payload[::-1]
+        assert number == channel and raw[4 : 4 + length] == payload[::-1]
         if transport == "tcp":
             assert len(raw) % 4 == 0  # padded on streams (RFC 8656 §12.5)
     sent = sum((1, 3, 100, 1201))
     stats = open_server.stats()
-    assert stats["relayed_bytes_out"] == stats["relayed_bytes_in"] == sent
+    assert stats["peer_sentb"] == stats["peer_rcvb"] == sent
+    assert stats["peer_sentp"] == stats["peer_rcvp"] == 4
+
+
+async def test_counters_do_not_go_down_when_an_allocation_ends(
+    open_server: TurnServer, peer: Peer
+) -> None:
+    client, relayed = await allocated(open_server, "udp")
+    bind = {"CHANNEL-NUMBER": 0x4000, "XOR-PEER-ADDRESS": peer.address}
+    assert (await client.request(Method.CHANNEL_BIND, bind)).message_class == Class.RESPONSE
+    client.send_channel_data(0x4000, b"12345")
+    assert await asyncio.wait_for(peer.received.get(), 5) == (b"12345", relayed)
+    assert peer.transport is not None
+    peer.transport.sendto(b"abc", relayed)
+    await client.receive()
+    before = open_server.stats()
+    assert before["allocations"] == 1 and before["allocations_created"] == 1
+    assert (before["peer_sentb"], before["peer_rcvb"]) == (5, 3)
+    delete = await client.request(Method.REFRESH, {"LIFETIME": 0})
+    assert delete.message_class == Class.RESPONSE
+    after = open_server.stats()
+    assert after["allocations"] == 0  # the gauge follows what is alive
+    counters = [k for k in after if k not in ("allocations", "tcp_connections")]
+    assert all(after[k] >= before[k] for k in counters), (before, after)
+    assert (after["peer_sentb"], after["peer_rcvb"]) == (5, 3)
+    assert (after["peer_sentp"], after["peer_rcvp"], after["allocations_created"]) == (1, 1, 1)
 
 
 async def test_peer_without_permission_is_not_relayed(open_server: TurnServer, peer: Peer) -> None:
@@ -322,7 +354,7 @@ async def test_dont_fragment_sets_df_on_the_relay_socket(server: TurnServer) -> 
     answer = await client.allocate(dont_fragment=None)
     assert answer.message_class == Class.RESPONSE
     (allocation,) = list(server.core.table)
-    sock = allocation.relay.sock  # type: ignore[attr-defined]
+    sock = allocation.relays[1].sock  # type: ignore[attr-defined]
     if hasattr(socket, "IP_MTU_DISCOVER"):  # Linux
         value = sock.getsockopt(socket.IPPROTO_IP, socket.IP_MTU_DISCOVER)
         assert value == socket.IP_PMTUDISC_DO
@@ -373,3 +405,84 @@ async def test_tcp_connection_that_never_allocates_is_closed_when_idle(
     server.close_idle(later)
     await asyncio.wait_for(idle.protocol.closed.wait(), 5)  # type: ignore[union-attr]
     assert (await busy.request(Method.REFRESH)).message_class == Class.RESPONSE
+
+
+def all_attributes(raw: bytes, atype: int) -> list[bytes]:
+    """Every value of attribute `atype` in a STUN message, repeats included."""
+    values, pos = [], 20
+    while pos + 4 <= len(raw):
+        kind, length = struct.unpack_from("!HH", raw, pos)
+        if kind == atype:
+            values.append(raw[pos + 4 : pos + 4 + length])
+        pos += 4 + length + (-length & 3)
+    return values
+
+
+async def test_dual_stack_allocation_relays_to_ipv4_and_ipv6_peers(
+    make_server: ServerFactory,
+) -> None:
+    """RFC 8656 §7.2: ADDITIONAL-ADDRESS-FAMILY gets one allocation with two relayed addresses;
+    permissions, channels and the peer policy work per family."""
+    import ipaddress
+
+    allow = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    server = await make_server(relay_ips=("127.0.0.1", "::1"), allow_peers=allow)
+    loop = asyncio.get_running_loop()
+    _, peer4 = await loop.create_datagram_endpoint(Peer, local_addr=("127.0.0.1", 0))
+    _, peer6 = await loop.create_datagram_endpoint(Peer, local_addr=("::1", 0))
+    try:
+        client = await connect(server, "udp")
+        await client.login(USER, PASSWORD)
+        answer = await client.allocate(additional_address_family=2)
+        assert answer.message_class == Class.RESPONSE, answer
+        assert "ADDRESS-ERROR-CODE" not in answer.attributes
+        raw = answer.raw  # type: ignore[attr-defined]
+        relayed = [
+            aiostun.unpack_xor_address(value, raw[8:20]) for value in all_attributes(raw, 0x0016)
+        ]
+        assert [ip for ip, _ in relayed] == ["127.0.0.1", "::1"], relayed
+        assert server.stats()["allocations"] == 1  # one allocation, two relayed addresses
+        relay4, relay6 = relayed
+
+        # The peer policy for both families: private and link-local peers stay refused.
+        for denied in (("10.0.0.1", 9), ("fe80::1", 9)):
+            refused = await client.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": denied})
+            assert refused.error_code == 403, denied
+        for number, peer in ((0x4000, peer4), (0x4001, peer6)):
+            bind = {"CHANNEL-NUMBER": number, "XOR-PEER-ADDRESS": peer.address}
+            bound = await client.request(Method.CHANNEL_BIND, bind)
+            assert bound.message_class == Class.RESPONSE, bound
+
+        for number, peer, relay in ((0x4000, peer4, relay4), (0x4001, peer6, relay6)):
+            payload = f"to {relay[0]}".encode()
+            client.send_channel_data(number, payload)
+            data, source = await asyncio.wait_for(peer.received.get(), 5)
+            assert (data, source[:2]) == (payload, relay)  # out of that family's relay
+            assert peer.transport is not None
+            peer.transport.sendto(payload[::-1], relay)
+            back = await client.receive()
+            assert struct.unpack("!H", back[:2])[0] == number and back[4:] == payload[::-1]
+
+        # A Send indication picks the relay of its peer's family too.
+        send = Message(
+            Method.SEND, Class.INDICATION, None, {"XOR-PEER-ADDRESS": peer6.address, "DATA": b"6"}
+        )
+        client.send_raw(bytes(send))
+        assert await asyncio.wait_for(peer6.received.get(), 5) == (b"6", (*relay6, 0, 0))
+        stats = server.stats()
+        assert (stats["peer_sentp"], stats["peer_rcvp"]) == (3, 2)
+        delete = await client.request(Method.REFRESH, {"LIFETIME": 0})
+        assert delete.message_class == Class.RESPONSE
+        assert server.stats()["allocations"] == 0
+
+        # REQUESTED-ADDRESS-FAMILY picks one family of the two.
+        six = await connect(server, "udp")
+        await six.login(USER, PASSWORD)
+        only6 = await six.allocate(requested_address_family=2)
+        assert only6.attributes["XOR-RELAYED-ADDRESS"][0] == "::1", only6
+        v4 = {"XOR-PEER-ADDRESS": peer4.address}
+        assert (await six.request(Method.CREATE_PERMISSION, v4)).error_code == 443
+    finally:
+        for peer in (peer4, peer6):
+            assert peer.transport is not None
+            peer.transport.close()

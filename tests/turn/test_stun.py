@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 from aioice import stun as aiostun
-from aioice.stun import Class, Message, Method
+from aioice.stun import Class, Method
 
 from p2pserver.turn import stun
 from p2pserver.turn.auth import long_term_key
+from p2pserver.turn.stun import TurnMessage as Message
+from p2pserver.turn.stun import parse_message
 
-# A copy of ../shared/rfc5769-vectors.json, so the suite runs wherever the repository is cloned.
+# The RFC 5769 test vectors, kept in the repository so the suite runs wherever it is cloned.
 VECTORS: dict[str, Any] = json.loads(
     (Path(__file__).parents[1] / "data" / "rfc5769-vectors.json").read_text()
 )
@@ -54,7 +56,7 @@ def test_rfc5769_responses_verify_and_are_not_for_a_server(name: str) -> None:
     v = VECTORS[name]
     raw = vector(name)
     assert stun.header(raw) is not None
-    message = aiostun.parse_message(raw)
+    message = parse_message(raw)
     assert message.attributes["XOR-MAPPED-ADDRESS"] == tuple(v["xor_mapped_address"])
     assert message.check_message_integrity(v["password"].encode())
     with pytest.raises(stun.Malformed):
@@ -221,16 +223,33 @@ def test_responses_carry_software_integrity_and_fingerprint_as_asked() -> None:
     responder = stun.Responder("p2pserver-test")
     plain = stun.decode(bytes(Message(Method.BINDING, Class.REQUEST, TXID)))
     raw = responder.success(plain, {"XOR-MAPPED-ADDRESS": ("192.0.2.9", 4242)})
-    answer = aiostun.parse_message(raw)
+    answer = parse_message(raw)
     assert answer.message_class == Class.RESPONSE and answer.transaction_id == TXID
     assert answer.attributes["SOFTWARE"] == "p2pserver-test"
     assert "FINGERPRINT" not in answer.attributes and "MESSAGE-INTEGRITY" not in answer.attributes
 
     fingerprinted = stun.decode(_with_fingerprint(Message(Method.BINDING, Class.REQUEST, TXID)))
-    answer = aiostun.parse_message(responder.success(fingerprinted, {}, key=b"key"))
+    answer = parse_message(responder.success(fingerprinted, {}, key=b"key"))
     assert "FINGERPRINT" in answer.attributes  # parse_message checked it
     assert answer.check_message_integrity(b"key")
 
-    error = aiostun.parse_message(responder.error(plain, 403, key=b"key"))
+    error = parse_message(responder.error(plain, 403, key=b"key"))
     assert error.error_code == 403 and error.attributes["ERROR-CODE"][1] == "Forbidden"
     assert error.check_message_integrity(b"key")
+
+
+def test_aioice_tables_are_left_as_aioice_defines_them() -> None:
+    """The server's attribute tables are its codec's own: aioice.stun's, which the aioice and
+    aiortc clients of the real-client tests use in this same process, stay unpatched."""
+    import p2pserver.app
+    import p2pserver.turn.server  # noqa: F401
+
+    pristine_by_type = {entry[0]: entry for entry in aiostun.ATTRIBUTES}
+    pristine_by_name = {entry[1]: entry for entry in aiostun.ATTRIBUTES}
+    assert pristine_by_type == aiostun.ATTRIBUTES_BY_TYPE
+    assert pristine_by_name == aiostun.ATTRIBUTES_BY_NAME
+    assert "RESERVATION-TOKEN" not in aiostun.ATTRIBUTES_BY_NAME
+    assert aiostun.ATTRIBUTES_BY_NAME["LIFETIME"][3] is aiostun.unpack_unsigned
+    # ...while the server's codec has the TURN attributes and its strict readers.
+    assert "RESERVATION-TOKEN" in stun.ATTRIBUTES_BY_NAME
+    assert stun.ATTRIBUTES_BY_NAME["LIFETIME"][3] is not aiostun.unpack_unsigned

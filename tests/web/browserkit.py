@@ -2,12 +2,13 @@
 
 Chromium comes from Debian (`apt-get install chromium`, as .ci/run does); Playwright drives it
 through `executable_path`, so `playwright install` (a download) is never needed. Without either,
-these tests skip and say why.
+these tests skip and say why, or with CI set fail (tests/realtools.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -16,16 +17,15 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from netkit import free_port, free_turn_port
+from realtools import need_module, need_program
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parents[2] / "test-artifacts"
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -42,14 +42,10 @@ CHROMIUM_ARGS = [
 ]
 
 
-def skip_reason() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "the playwright package is not installed (pip install -e '.[test]')"
-    if not CHROMIUM.exists():
-        return f"{CHROMIUM} is missing (apt-get install chromium; .ci/run does)"
-    return None
+def need_browser() -> str:
+    """Playwright and Chromium, or skip (fail with CI set); returns Chromium's path."""
+    need_module("playwright", "pip install -e '.[test]'")
+    return need_program("chromium", "apt-get install chromium; .ci/run does")
 
 
 # -- the server -------------------------------------------------------------------------------
@@ -69,8 +65,8 @@ class ServerProcess:
     """`python -m p2pserver` on 127.0.0.1 with its own ports and database."""
 
     workdir: Path
-    http_port: int = field(default_factory=free_port)
-    turn_port: int = field(default_factory=free_turn_port)
+    http_port: int = 0  # 0 until started: the server binds free ports itself (--ready-file)
+    turn_port: int = 0
     relay_to_loopback: bool = True  # False: the production peer policy, loopback refused
     proc: subprocess.Popen[bytes] | None = None
 
@@ -82,12 +78,16 @@ class ServerProcess:
     def log_path(self) -> Path:
         return self.workdir / "server.log"
 
+    @property
+    def ready_path(self) -> Path:
+        return self.workdir / "ready.json"
+
     def start(self) -> None:
         args = [
             *("--http-host", "127.0.0.1", "--http-port", str(self.http_port)),
             *("--db", str(self.workdir / "rooms.db"), "--log-level", "info"),
             *("--turn-host", "127.0.0.1", "--turn-port", str(self.turn_port)),
-            *("--tls-port", str(free_turn_port())),
+            *("--ready-file", str(self.ready_path)),
             "--public-host",
             "127.0.0.1",
         ]
@@ -106,8 +106,11 @@ class ServerProcess:
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"p2pserver exited {self.proc.returncode}:\n{self.log()}")
+            if self.ready_path.exists() and not self.http_port:
+                ports = json.loads(self.ready_path.read_text())
+                self.http_port, self.turn_port = ports["http"], ports["udp"]
             with contextlib.suppress(OSError):
-                if _get(f"{self.url}/healthz") == 200:
+                if self.http_port and _get(f"{self.url}/healthz") == 200:
                     return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"p2pserver not healthy within 60 s:\n{self.log()}")

@@ -12,13 +12,12 @@ import pytest
 
 from .browserkit import (
     ARTIFACTS,
-    CHROMIUM,
     CHROMIUM_ARGS,
     OpenPerson,
     Person,
     ServerFactory,
     ServerProcess,
-    skip_reason,
+    need_browser,
 )
 
 if TYPE_CHECKING:
@@ -28,8 +27,7 @@ if TYPE_CHECKING:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server for a module's tests: every test makes its own rooms."""
-    if reason := skip_reason():
-        pytest.skip(reason)
+    need_browser()
     process = ServerProcess(tmp_path_factory.mktemp("server"))
     process.start()
     yield process
@@ -39,8 +37,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
     """Servers for one test (which may stop them, or want other settings)."""
-    if reason := skip_reason():
-        pytest.skip(reason)
+    need_browser()
     factory = ServerFactory(tmp_path)
     yield factory
     factory.kill_all()
@@ -50,12 +47,11 @@ def make_server(tmp_path: Path) -> Iterator[ServerFactory]:
 def browser() -> Iterator[Browser]:
     # Module scope: Playwright's sync API runs its own event loop, kept apart from the
     # asyncio tests of other modules.
-    if reason := skip_reason():
-        pytest.skip(reason)
+    chromium = need_browser()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
 

@@ -18,7 +18,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from browserkit import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+from browserkit import ARTIFACTS, CHROMIUM_ARGS, need_browser
 from playwright.sync_api import Page, expect, sync_playwright
 
 URL = "http://localhost:3000"
@@ -79,7 +79,7 @@ def main() -> int:
     try:
         _wait_healthy(server)
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            browser = playwright.chromium.launch(executable_path=need_browser(), args=CHROMIUM_ARGS)
             try:
                 for name in ("alice", "bob"):
                     pages[name] = browser.new_context().new_page()

@@ -8,36 +8,36 @@ loopback (`unshare --net`, which needs root, as on CI). There the path is direct
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from .browserkit import skip_reason
+from realtools import need, need_program
+
+from .browserkit import need_browser
 
 pytestmark = pytest.mark.slow
 
 HERE = Path(__file__).parent
 
 
-def _netns_skip_reason() -> str | None:
-    if reason := skip_reason():
-        return reason
-    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
-        return "needs root, unshare and ip to make a loopback-only network namespace"
+def _need_netns() -> None:
+    """Chromium, and a loopback-only network namespace: unshare and ip, as root."""
+    need_browser()
+    need_program("unshare", "apt-get install util-linux")
+    need_program("ip", "apt-get install iproute2")
+    need("unshare --net", None if os.geteuid() == 0 else "a network namespace needs root")
     probe = subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=30)
-    if probe.returncode != 0:
-        return f"cannot create a network namespace: {probe.stderr.decode(errors='replace')}"
-    return None
+    problem = probe.stderr.decode(errors="replace") if probe.returncode else None
+    need("unshare --net", problem)
 
 
 def test_quick_start_page_works_with_defaults_on_localhost_3000() -> None:
-    if reason := _netns_skip_reason():
-        pytest.skip(reason)
+    _need_netns()
     env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
-    env["PYTHONPATH"] = str(HERE.parent)  # for netkit, as pytest's pythonpath gives the tests
+    env["PYTHONPATH"] = str(HERE.parent)  # for realtools, as pytest's pythonpath gives the tests
     # --fork --kill-child: if this test times out, nothing is left running in the namespace.
     command = ["unshare", "--net", "--fork", "--kill-child", "--"]
     command += [sys.executable, str(HERE / "quickstart.py")]

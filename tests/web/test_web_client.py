@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+from realtools import need_module
 
-from playwright.sync_api import Page, expect
+need_module("playwright", "pip install -e '.[test]'")  # skip, or with CI set fail
 
-from .browserkit import OpenPerson, Person, ServerFactory, ServerProcess
+from playwright.sync_api import Page, expect  # noqa: E402  (after the check above)
+
+from .browserkit import OpenPerson, Person, ServerFactory, ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from p2pserver.turn.datapath import channel_data, data_indication
+from p2pserver.turn.stats import TurnStats
 
 Address = tuple[str, int]
 FiveTuple = tuple[str, Address, Address]  # (transport, client address, server address)
@@ -21,7 +22,6 @@ DEFAULT_LIFETIME = 600  # RFC 8656 §7.2
 MAX_LIFETIME = 3600
 PERMISSION_LIFETIME = 300  # RFC 8656 §9
 CHANNEL_LIFETIME = 600  # RFC 8656 §12
-CHANNEL_MIN, CHANNEL_MAX = 0x4000, 0x4FFF
 
 _CHANNEL_HEADER = struct.Struct("!HH")
 
@@ -70,11 +70,17 @@ def granted_lifetime(requested: int | None, default: int, maximum: int) -> int:
     return max(default, min(requested, maximum))
 
 
+def family_of(ip: str) -> int:
+    """The STUN address family of an IP: 1 = IPv4, 2 = IPv6."""
+    return 2 if ":" in ip else 1
+
+
 @dataclass
 class Channel:
     number: int
     peer: Address
     expires: float
+    relay: Relay  # the allocation's relay of the peer's family
 
 
 @dataclass
@@ -82,8 +88,10 @@ class Allocation:
     five_tuple: FiveTuple
     username: str
     key: bytes  # the long-term key, to sign every response to this client
-    relay: Relay
-    relayed_address: Address  # what clients see: --external-ip, else the relay's address
+    # By address family (1 = IPv4, 2 = IPv6): one relay, or two for a dual-stack allocation
+    # (RFC 8656 §7.2); permissions and channels are per family through their peer's IP.
+    relays: dict[int, Relay]
+    relayed_addresses: dict[int, Address]  # what clients see: --external-ip, else the relay's
     expires: float
     send_to_client: Callable[[bytes], object]
     # The peer policy's check: every inbound datagram passes it, as every outbound one did.
@@ -92,8 +100,28 @@ class Allocation:
     permissions: dict[str, float] = field(default_factory=dict)  # peer IP -> expiry
     channels: dict[int, Channel] = field(default_factory=dict)
     peer_channels: dict[Address, int] = field(default_factory=dict)  # peer -> channel number
-    relayed_in: int = 0
-    relayed_out: int = 0
+    # Relayed traffic (stats.py): payload from peers to the client, and from the client out.
+    peer_rcvp: int = 0
+    peer_rcvb: int = 0
+    peer_sentp: int = 0
+    peer_sentb: int = 0
+
+    @property
+    def relayed_address(self) -> Address:
+        """The relayed address of the requested family (the first), for log lines."""
+        return next(iter(self.relayed_addresses.values()))
+
+    @property
+    def send_drops(self) -> int:
+        return sum(relay.dropped for relay in self.relays.values())
+
+    def send_to_peer(self, payload: bytes, peer: Address) -> None:
+        relay = self.relays.get(family_of(peer[0]))
+        if relay is None:
+            return  # no relay of the peer's family (a permission was checked for it: 443)
+        relay.sendto(payload, peer)
+        self.peer_sentp += 1
+        self.peer_sentb += len(payload)
 
     # --- the hot path -----------------------------------------------------------------------
 
@@ -105,19 +133,21 @@ class Allocation:
             return  # RFC 8656 §12.6: unbound channel or short message, discard
         if channel.peer[0] not in self.permissions:
             return  # the permission expired while the channel lived on
-        self.relay.sendto(data[4 : 4 + length], channel.peer)
-        self.relayed_out += length
+        channel.relay.sendto(data[4 : 4 + length], channel.peer)
+        self.peer_sentp += 1
+        self.peer_sentb += length
 
     def from_peer(self, data: bytes, peer: Address) -> None:
         """A datagram on the relay socket: to the client as ChannelData or a Data indication."""
         if peer[0] not in self.permissions or not self.permits(peer[0], peer[1]):
-            return  # RFC 8656 §11.4 / DESIGN.md peer policy: drop silently
+            return  # RFC 8656 §11.4, docs/turn.md "Peer policy": drop silently
         number = self.peer_channels.get(peer)
         if number is not None:
             self.send_to_client(channel_data(number, data, self.pad))
         else:
             self.send_to_client(data_indication(peer, data))
-        self.relayed_in += len(data)
+        self.peer_rcvp += 1
+        self.peer_rcvb += len(data)
 
     # --- the rules around it ---------------------------------------------------------------
 
@@ -126,6 +156,9 @@ class Allocation:
 
     def bind_channel(self, number: int, peer: Address, now: float) -> str | None:
         """Bind or refresh a channel (RFC 8656 §12.2); returns why not, or None on success."""
+        relay = self.relays.get(family_of(peer[0]))
+        if relay is None:
+            return "No relay of the peer's address family"  # the handler answers 443 first
         current = self.channels.get(number)
         if current is not None and current.peer != peer:
             return "Channel already bound to another peer"
@@ -133,7 +166,7 @@ class Allocation:
         if bound is not None and bound != number:
             return "Peer already bound to another channel"
         if current is None:
-            current = self.channels[number] = Channel(number, peer, 0.0)
+            current = self.channels[number] = Channel(number, peer, 0.0, relay)
             self.peer_channels[peer] = number
         current.expires = now + CHANNEL_LIFETIME
         self.permit(peer[0], now)  # a ChannelBind also installs or refreshes the permission
@@ -149,9 +182,12 @@ class Allocation:
 class AllocationTable:
     """All allocations by 5-tuple (RFC 8656 §2.2: one allocation per 5-tuple), with quotas."""
 
-    def __init__(self, user_quota: int, max_allocations: int) -> None:
+    def __init__(
+        self, user_quota: int, max_allocations: int, stats: TurnStats | None = None
+    ) -> None:
         self.user_quota = user_quota
         self.max_allocations = max_allocations
+        self.stats = stats if stats is not None else TurnStats()
         self.by_tuple: dict[FiveTuple, Allocation] = {}
         self.per_user: Counter[str] = Counter()
 
@@ -175,6 +211,7 @@ class AllocationTable:
     def add(self, allocation: Allocation) -> None:
         self.by_tuple[allocation.five_tuple] = allocation
         self.per_user[allocation.username] += 1
+        self.stats.allocations_created += 1
 
     def remove(self, five_tuple: FiveTuple) -> Allocation | None:
         allocation = self.by_tuple.pop(five_tuple, None)
@@ -182,7 +219,9 @@ class AllocationTable:
             self.per_user[allocation.username] -= 1
             if self.per_user[allocation.username] <= 0:
                 del self.per_user[allocation.username]
-            allocation.relay.close()
+            for relay in allocation.relays.values():
+                relay.close()
+            self.stats.retire(allocation)  # its traffic stays in the totals
         return allocation
 
     def expire(self, now: float) -> list[Allocation]:

@@ -16,7 +16,7 @@ from functools import lru_cache
 
 from p2pserver.credentials import rest_expiry, rest_password
 
-NONCE_LIFETIME = 600.0  # DESIGN.md: nonces expire after 600 s and get 438
+NONCE_LIFETIME = 600.0  # then 438 with a fresh NONCE (docs/turn.md, Defaults and Credentials)
 
 
 def long_term_key(username: str, realm: str, password: str) -> bytes:

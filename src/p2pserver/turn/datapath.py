@@ -21,6 +21,18 @@ _HDR = struct.Struct("!HH")
 _XOR_V4 = struct.Struct("!HHBBH4s")  # type, length, reserved, family, x-port, x-address
 
 
+def is_channel(first_byte: int) -> bool:
+    """Whether a message whose first byte is `first_byte` is ChannelData, and (applied to
+    `number >> 8`) whether a channel number may be bound: 0x4000-0x7FFF.
+
+    RFC 8656 §12 narrowed channels to 0x4000-0x4FFF, but RFC 5766 §11 allowed 0x4000-0x7FFF and
+    its clients (coturn's turnutils_uclient among them) still pick from the whole range; coturn
+    and pion accept it, so this server does too (docs/turn.md, "Channel numbers"). STUN's first
+    byte is 0x00-0x3F, so the two never overlap. The one rule for ChannelBind, the UDP listener
+    and the TCP framer."""
+    return 0x40 <= first_byte <= 0x7F
+
+
 def channel_data(channel: int, payload: bytes, pad: bool) -> bytes:
     """A ChannelData message; over TCP and TLS padded to 4 bytes (RFC 8656 §12.5)."""
     head = _HDR.pack(channel, len(payload))

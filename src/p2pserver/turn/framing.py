@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import struct
 
+from p2pserver.turn.datapath import is_channel
+
 _COOKIE = b"\x21\x12\xa4\x42"
 _U16 = struct.Struct("!H")
 
@@ -36,7 +38,7 @@ class StreamFramer:
         while end - pos >= 4:
             first = buf[pos]
             length = _U16.unpack_from(buf, pos + 2)[0]
-            if 0x40 <= first <= 0x4F:
+            if is_channel(first):
                 if not self.channels_allowed:
                     raise FramingError("ChannelData before any allocation")
                 size = 4 + length + (-length & 3)

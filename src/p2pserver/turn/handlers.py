@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +19,6 @@ from aioice.stun import Class, Method
 from p2pserver.config import Settings
 from p2pserver.turn import stun
 from p2pserver.turn.allocation import (
-    CHANNEL_MAX,
-    CHANNEL_MIN,
     DEFAULT_LIFETIME,
     MAX_LIFETIME,
     Address,
@@ -29,11 +27,13 @@ from p2pserver.turn.allocation import (
     FiveTuple,
     NoCapacity,
     RelayFactory,
+    family_of,
     granted_lifetime,
 )
 from p2pserver.turn.auth import Credentials, Nonces, NonceStatus
-from p2pserver.turn.datapath import parse_send
+from p2pserver.turn.datapath import is_channel, parse_send
 from p2pserver.turn.policy import PeerPolicy
+from p2pserver.turn.stats import TurnStats
 from p2pserver.turn.stun import BadRequest, Malformed, Request
 from p2pserver.turn.transactions import ResponseCache
 
@@ -57,16 +57,6 @@ class Client:
         return (self.transport, self.remote, self.local)
 
 
-class Stats:
-    __slots__ = ("bad_requests", "dropped", "requests", "unauthenticated")
-
-    def __init__(self) -> None:
-        self.requests = 0
-        self.bad_requests = 0
-        self.unauthenticated = 0
-        self.dropped = 0
-
-
 class TurnCore:
     def __init__(
         self,
@@ -75,18 +65,18 @@ class TurnCore:
         policy: PeerPolicy,
         secret: str | None = None,
         nonces: Nonces | None = None,
-        fallback_ip: str = "127.0.0.1",
+        fallback_ips: Mapping[int, str] | None = None,
     ) -> None:
         self.settings = settings
         self.relays = relays
         self.policy = policy
         self.credentials = Credentials(settings.realm, dict(settings.users), secret)
         self.nonces = nonces or Nonces()
-        self.table = AllocationTable(settings.user_quota, settings.max_allocations)
+        self.stats = TurnStats()
+        self.table = AllocationTable(settings.user_quota, settings.max_allocations, self.stats)
         self.responses = ResponseCache()
         self.responder = stun.Responder(settings.software)
-        self.stats = Stats()
-        self.fallback_ip = fallback_ip  # see relayed_ip()
+        self.fallback_ips = dict(fallback_ips or {1: "127.0.0.1", 2: "::1"})  # see relayed_ip()
         # Requests on an existing allocation (RFC 8656 §7.3, §10, §11): 437 without one.
         self._on_allocation: dict[int, Callable[[Request, Allocation, Client, float], bytes]] = {
             Method.REFRESH: self.refresh,
@@ -190,8 +180,10 @@ class TurnCore:
         even_port = attrs.get("EVEN-PORT")
         family = attrs.get("REQUESTED-ADDRESS-FAMILY")
         additional = attrs.get("ADDITIONAL-ADDRESS-FAMILY")
-        if token is not None and (even_port is not None or family is not None):
-            return error(400, "RESERVATION-TOKEN with EVEN-PORT or REQUESTED-ADDRESS-FAMILY")
+        if token is not None and (
+            even_port is not None or family is not None or additional is not None
+        ):
+            return error(400, "RESERVATION-TOKEN with EVEN-PORT or an ADDRESS-FAMILY")
         if family is not None and additional is not None:
             return error(400, "REQUESTED- and ADDITIONAL-ADDRESS-FAMILY together")  # §7.2
         if additional is not None and additional != 2:
@@ -218,51 +210,83 @@ class TurnCore:
                 )
             except NoCapacity:
                 return error(508)
+        relays = {relay.family: relay}
+        # RFC 8656 §7.2: ADDITIONAL-ADDRESS-FAMILY asks for an IPv6 relayed address as well,
+        # in the same allocation; when it cannot be had, the IPv4 one is still granted and
+        # ADDRESS-ERROR-CODE says why for IPv6.
+        address_error: tuple[int, str] | None = None
+        if additional is not None:
+            if additional not in self.relays.families:
+                address_error = (440, "Address Family not Supported")
+            else:
+                try:
+                    relays[additional], _ = self.relays.open(
+                        additional,
+                        even_port=False,
+                        reserve_next=False,
+                        dont_fragment="DONT-FRAGMENT" in attrs,
+                    )
+                except NoCapacity:
+                    address_error = (508, "Insufficient Capacity")
         requested = attrs.get("LIFETIME") or None  # Allocate with LIFETIME 0: the default
         lifetime = granted_lifetime(requested, DEFAULT_LIFETIME, MAX_LIFETIME)
         allocation = Allocation(
             five_tuple=client.five_tuple,
             username=username,
             key=key,
-            relay=relay,
-            relayed_address=(self.relayed_ip(client), relay.address[1]),
+            relays=relays,
+            relayed_addresses={
+                f: (self.relayed_ip(client, f), r.address[1]) for f, r in relays.items()
+            },
             expires=now + lifetime,
             send_to_client=client.send,
             permits=self.policy.permits,
             pad=client.transport != "udp",
         )
         self.table.add(allocation)
-        relay.start(allocation.from_peer)
+        for each in relays.values():
+            each.start(allocation.from_peer)
         log.info(
-            "allocation %s:%d for %s on %s %s:%d (%d s)",
-            *allocation.relayed_address,
+            "allocation %s for %s on %s %s:%d (%d s)",
+            " and ".join(_show(a) for a in allocation.relayed_addresses.values()),
             username,
             client.transport,
             *client.remote,
             lifetime,
         )
+        relayed = list(allocation.relayed_addresses.values())
         answer: dict[str, Any] = {
-            "XOR-RELAYED-ADDRESS": allocation.relayed_address,
+            # Two XOR-RELAYED-ADDRESS attributes for a dual-stack allocation (RFC 8656 §7.2).
+            "XOR-RELAYED-ADDRESS": relayed[0] if len(relayed) == 1 else stun.Repeated(relayed),
             "LIFETIME": lifetime,
             "XOR-MAPPED-ADDRESS": client.remote,
         }
         if reservation is not None:
             answer["RESERVATION-TOKEN"] = reservation
-        if additional is not None:  # RFC 8656 §7.2: IPv6 not served, say so per family
-            answer["ADDRESS-ERROR-CODE"] = bytes((2, 0, 4, 40)) + b"Address Family not Supported"
+        if address_error is not None:  # RFC 8656 §14.11: family, reserved, class, number
+            code, reason = address_error
+            value = bytes((additional or 2, 0, code // 100, code % 100)) + reason.encode()
+            answer["ADDRESS-ERROR-CODE"] = value
         return self.responder.success(request, answer, key)
 
-    def relayed_ip(self, client: Client) -> str:
-        """XOR-RELAYED-ADDRESS's IP: --external-ip, else the relay's bind address, else the
-        address the client reached, else the host's primary address (`fallback_ip`).
+    def relayed_ip(self, client: Client, family: int) -> str:
+        """The IP of the relayed address of `family`: --external-ip (if of that family), else
+        the relay's bind address, else the address the client reached (if of that family),
+        else the host's primary address of that family (`fallback_ips`).
 
         Whatever it is, it is this server's own, so the peer policy lets other allocations
         reach it (relay to relay) even when it is a private address."""
         s = self.settings
+        candidates = (
+            s.external_ip,
+            s.relay_bind_ips.get(family),
+            client.local[0],
+            self.fallback_ips.get(family),
+        )
         chosen = next(
             ip
-            for ip in (s.external_ip, s.turn_relay_ip, client.local[0], self.fallback_ip)
-            if ip and not ipaddress.ip_address(ip).is_unspecified
+            for ip in candidates
+            if ip and family_of(ip) == family and not ipaddress.ip_address(ip).is_unspecified
         )
         self.policy.add_own(chosen)
         return chosen
@@ -272,14 +296,14 @@ class TurnCore:
     ) -> bytes:
         key = allocation.key
         family = request.attributes.get("REQUESTED-ADDRESS-FAMILY")
-        if family is not None and family != allocation.relay.family:
+        if family is not None and family not in allocation.relays:
             return self.responder.error(request, 443, key=key)  # RFC 8656 §7.3
         lifetime = granted_lifetime(
             request.attributes.get("LIFETIME"), DEFAULT_LIFETIME, MAX_LIFETIME
         )
         if lifetime == 0:
             self.table.remove(client.five_tuple)
-            log.info("allocation %s:%d deleted by its client", *allocation.relayed_address)
+            log.info("allocation %s deleted by its client", _show(allocation.relayed_address))
         else:
             allocation.expires = now + lifetime
         return self.responder.success(request, {"LIFETIME": lifetime}, key)
@@ -291,7 +315,7 @@ class TurnCore:
         if not request.peers:
             return self.responder.error(request, 400, "XOR-PEER-ADDRESS missing", key)
         for ip, _port in request.peers:  # all or nothing (RFC 8656 §10.2)
-            if _family(ip) != allocation.relay.family:
+            if family_of(ip) not in allocation.relays:  # per family (RFC 8656 §9.1)
                 return self.responder.error(request, 443, key=key)
             if not self.policy.permits_ip(ip):
                 return self.responder.error(request, 403, "Peer address not allowed", key)
@@ -311,10 +335,10 @@ class TurnCore:
             return self.responder.error(
                 request, 400, "CHANNEL-NUMBER or XOR-PEER-ADDRESS missing", key
             )
-        if not CHANNEL_MIN <= number <= CHANNEL_MAX:
+        if not is_channel(number >> 8):  # 0x4000-0x7FFF, see datapath.is_channel
             return self.responder.error(request, 400, "Channel number out of range", key)
         peer = request.peers[0]
-        if _family(peer[0]) != allocation.relay.family:
+        if family_of(peer[0]) not in allocation.relays:
             return self.responder.error(request, 443, key=key)
         if not self.policy.permits(*peer):
             return self.responder.error(request, 403, "Peer address not allowed", key)
@@ -339,14 +363,13 @@ class TurnCore:
         # A permitted IP is of the relay's family: CreatePermission checked that (443).
         if ip not in allocation.permissions or not self.policy.permits(ip, port):
             return
-        allocation.relay.sendto(payload, (ip, port))
-        allocation.relayed_out += len(payload)
+        allocation.send_to_peer(payload, (ip, port))  # through the relay of the peer's family
 
     # --- housekeeping -------------------------------------------------------------------------
 
     def expire(self, now: float) -> None:
         for allocation in self.table.expire(now):
-            log.info("allocation %s:%d expired", *allocation.relayed_address)
+            log.info("allocation %s expired", _show(allocation.relayed_address))
         self.responses.expire(now)
         self.relays.expire(now)
 
@@ -354,8 +377,9 @@ class TurnCore:
         """A TCP/TLS client connection closed: its allocation goes with it (RFC 8656 §5)."""
         allocation = self.table.remove(five_tuple)
         if allocation is not None:
-            log.info("allocation %s:%d closed with its connection", *allocation.relayed_address)
+            log.info("allocation %s closed with its connection", _show(allocation.relayed_address))
 
 
-def _family(ip: str) -> int:
-    return 2 if ":" in ip else 1
+def _show(address: Address) -> str:
+    ip, port = address
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"

@@ -14,7 +14,7 @@ from functools import lru_cache
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# DESIGN.md "Peer policy": what no public peer can be.
+# What no public peer can be (docs/turn.md, "Peer policy").
 DEFAULT_DENY: tuple[IPNetwork, ...] = tuple(
     ipaddress.ip_network(n)
     for n in (

@@ -14,7 +14,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from p2pserver.turn.allocation import Address, NoCapacity
 
@@ -28,9 +28,15 @@ _RCVBUF = 1 << 20
 
 
 class RelaySocket:
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        on_fault: Callable[[], None] = lambda: None,
+    ) -> None:
         self.sock = sock
         self.loop = loop
+        self.on_fault = on_fault
         self.family = 2 if sock.family == socket.AF_INET6 else 1
         self.address: Address = sock.getsockname()[:2]
         self.dropped = 0
@@ -39,6 +45,7 @@ class RelaySocket:
     def start(self, on_datagram: Callable[[bytes, Address], None]) -> None:
         sock = self.sock
         ipv6 = self.family == 2
+        on_fault = self.on_fault
 
         def readable() -> None:
             for _ in range(_READ_BATCH):
@@ -48,7 +55,10 @@ class RelaySocket:
                     return
                 except OSError:
                     continue  # ICMP errors surface here; the next datagram may be fine
-                on_datagram(data, addr[:2] if ipv6 else addr)  # drop IPv6 flowinfo, scope
+                try:
+                    on_datagram(data, addr[:2] if ipv6 else addr)  # drop IPv6 flowinfo, scope
+                except Exception:
+                    on_fault()  # a bug costs this datagram; the reader keeps going
 
         self.loop.add_reader(sock.fileno(), readable)
         self._reading = True
@@ -72,23 +82,25 @@ class RelayPorts:
 
     def __init__(
         self,
-        bind_ip: str,
+        bind_ips: Mapping[int, str],
         ports: tuple[int, int],
         loop: asyncio.AbstractEventLoop,
+        on_fault: Callable[[], None] = lambda: None,
     ) -> None:
-        self.bind_ip = bind_ip
+        self.bind_ips = dict(bind_ips)  # by family: 1 = IPv4, 2 = IPv6 (--relay-ip)
         self.ports = ports
         self.loop = loop
-        self.af = socket.AF_INET6 if ":" in bind_ip else socket.AF_INET
-        self.families = frozenset({2 if self.af == socket.AF_INET6 else 1})
+        self.on_fault = on_fault  # called from an `except` block when relaying fails
+        self.families = frozenset(self.bind_ips)
         self.reservations: dict[bytes, tuple[socket.socket, float]] = {}
 
-    def _bind(self, port: int) -> socket.socket | None:
-        sock = socket.socket(self.af, socket.SOCK_DGRAM)
+    def _bind(self, family: int, port: int) -> socket.socket | None:
+        af = socket.AF_INET6 if family == 2 else socket.AF_INET
+        sock = socket.socket(af, socket.SOCK_DGRAM)
         try:
-            if self.af == socket.AF_INET6:
+            if af == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((self.bind_ip, port))
+            sock.bind((self.bind_ips[family], port))
         except OSError as exc:
             sock.close()
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
@@ -115,12 +127,12 @@ class RelayPorts:
         self, family: int, *, even_port: bool, reserve_next: bool, dont_fragment: bool
     ) -> tuple[RelaySocket, bytes | None]:
         for port in self._candidates(even_port or reserve_next):
-            sock = self._bind(port)
+            sock = self._bind(family, port)
             if sock is None:
                 continue
             token = None
             if reserve_next:
-                partner = self._bind(port + 1)
+                partner = self._bind(family, port + 1)
                 if partner is None:
                     sock.close()
                     continue
@@ -128,14 +140,14 @@ class RelayPorts:
                 self.reservations[token] = (partner, time.time() + RESERVATION_LIFETIME)
             if dont_fragment:
                 _set_dont_fragment(sock)
-            return RelaySocket(sock, self.loop), token
+            return RelaySocket(sock, self.loop, self.on_fault), token
         raise NoCapacity("no free relay port")
 
     def take_reserved(self, token: bytes) -> RelaySocket | None:
         entry = self.reservations.pop(token, None)
         if entry is None:
             return None
-        return RelaySocket(entry[0], self.loop)
+        return RelaySocket(entry[0], self.loop, self.on_fault)
 
     def expire(self, now: float) -> None:
         """Close reservations not taken in time (`now` is time.time(), as in TurnCore)."""

@@ -10,15 +10,17 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import socket
 import ssl
 import time
 from functools import partial
 from typing import cast
 
-from p2pserver.config import Settings
+from p2pserver.config import Settings, StartupError
 from p2pserver.selftest import SelfTest
 from p2pserver.turn.allocation import Address, FiveTuple
+from p2pserver.turn.datapath import is_channel
 from p2pserver.turn.framing import FramingError, StreamFramer
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
@@ -32,24 +34,56 @@ TCP_MAX_BUFFERED = 1 << 20  # relay data for a client that does not read is drop
 
 
 class RateLimitedLog:
-    """At most one line per `interval` for a kind of trouble, with how often it happened."""
+    """At most one line per `interval` for a kind of trouble, with how often it happened.
+
+    Faults (bugs: an exception in a callback) are logged at ERROR, the first of each kind with
+    its traceback, so an operator has something to report; after that only counts. Counts not
+    yet logged are written by `flush()` (the sweep calls it, and stop()), so the counts in the
+    log add up to the fault counter."""
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
         self.logger = logger
         self.interval = interval
         self._last: dict[str, float] = {}
         self._count: dict[str, int] = {}
+        self._error: dict[str, bool] = {}
+        self._message: dict[str, str] = {}
+        self._traced: set[str] = set()
 
     def __call__(self, kind: str, message: str, *, error: bool = False) -> None:
         self._count[kind] = self._count.get(kind, 0) + 1
+        self._message[kind] = message
+        self._error[kind] = error
         now = time.monotonic()
-        if now - self._last.get(kind, -self.interval) < self.interval:
+        if now - self._last.get(kind, -self.interval) >= self.interval:
+            self._emit(kind, now)
+
+    def fault(self, kind: str, message: str) -> None:
+        """Call from an `except` block: the traceback is the one being handled."""
+        if kind in self._traced:
+            self(kind, message, error=True)
             return
+        self._traced.add(kind)
+        self._count[kind] = self._count.get(kind, 0) + 1
+        self._message[kind], self._error[kind] = message, True
+        self._emit(kind, time.monotonic(), exc_info=True)
+
+    def _emit(self, kind: str, now: float, exc_info: bool = False) -> None:
         self._last[kind] = now
         count, self._count[kind] = self._count[kind], 0
-        (self.logger.error if error else self.logger.warning)(
-            "%s (%d in the last %.0f s)", message, count, self.interval
+        (self.logger.error if self._error[kind] else self.logger.warning)(
+            "%s (%d in the last %.0f s)",
+            self._message[kind],
+            count,
+            self.interval,
+            exc_info=exc_info,
         )
+
+    def flush(self, now: float | None = None) -> None:
+        """Log the counts held back; with `now`, only of kinds whose interval has passed."""
+        for kind, count in list(self._count.items()):
+            if count and (now is None or now - self._last.get(kind, 0.0) >= self.interval):
+                self._emit(kind, time.monotonic() if now is None else now)
 
 
 class UdpListener(asyncio.DatagramProtocol):
@@ -64,20 +98,23 @@ class UdpListener(asyncio.DatagramProtocol):
         self.local = transport.get_extra_info("sockname")[:2]
 
     def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
-        if len(addr) > 2:
-            addr = addr[:2]  # IPv6 sockets add flowinfo and scope
-        # ChannelData (RFC 8656 §12: channels 0x4000-0x4FFF), the hot path; anything else
-        # with a first byte of 0x50-0xFF is garbage that TurnCore drops.
-        if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
-            allocation = self.allocations.get(("udp", addr, self.local))
-            if allocation is not None:
-                allocation.from_client_channel(data)
-            return
-        assert self.transport is not None
-        client = Client("udp", addr, self.local, partial(self.transport.sendto, addr=addr))
-        reply = self.server.handle(data, client)
-        if reply is not None:
-            self.transport.sendto(reply, addr)
+        try:
+            if len(addr) > 2:
+                addr = addr[:2]  # IPv6 sockets add flowinfo and scope
+            # ChannelData (channels 0x4000-0x7FFF, see datapath.is_channel), the hot path;
+            # anything else with a first byte of 0x80-0xFF is garbage that TurnCore drops.
+            if len(data) >= 4 and is_channel(data[0]):
+                allocation = self.allocations.get(("udp", addr, self.local))
+                if allocation is not None:
+                    allocation.from_client_channel(data)
+                return
+            assert self.transport is not None
+            client = Client("udp", addr, self.local, partial(self.transport.sendto, addr=addr))
+            reply = self.server.handle(data, client)
+            if reply is not None:
+                self.transport.sendto(reply, addr)
+        except Exception:
+            self.server.fault("udp", "a UDP datagram failed; dropped it")  # costs this datagram
 
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP errors for one client say nothing about the others
@@ -99,11 +136,25 @@ class StreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        remote = transport.get_extra_info("peername")[:2]
-        local = transport.get_extra_info("sockname")[:2]
-        self.client = Client(self.name, remote, local, self._send)
-        self.five_tuple = self.client.five_tuple
-        self.server.connections.add(self)
+        try:
+            remote = transport.get_extra_info("peername")
+            local = transport.get_extra_info("sockname")
+            if remote is None or local is None:
+                # Reset before it was accepted: uvloop then has no peer name. Not a fault.
+                self.core.stats.connections_reset += 1
+                transport.abort()
+                return
+            self.client = Client(self.name, remote[:2], local[:2], self._send)
+            self.five_tuple = self.client.five_tuple
+            self.server.connections.add(self)
+        except Exception:
+            self._fault("a new connection failed; closed it")
+
+    def _fault(self, what: str) -> None:
+        """A bug costs this connection only (call from an `except` block)."""
+        self.server.fault(self.name, f"{self.name.upper()}: {what}")
+        if self.transport is not None:
+            self.transport.abort()
 
     def _send(self, data: bytes) -> None:
         transport = self.transport
@@ -111,7 +162,14 @@ class StreamConnection(asyncio.Protocol):
             transport.write(data)
 
     def data_received(self, data: bytes) -> None:
-        assert self.transport is not None and self.client is not None
+        try:
+            self._received(data)
+        except Exception:
+            self._fault("a message failed; closed the connection")
+
+    def _received(self, data: bytes) -> None:
+        if self.transport is None or self.client is None:
+            return  # aborted in connection_made
         try:
             frames = self.framer.feed(data)
         except FramingError:
@@ -119,7 +177,7 @@ class StreamConnection(asyncio.Protocol):
             self.transport.close()
             return
         for frame in frames:
-            if 0x40 <= frame[0] <= 0x4F:
+            if is_channel(frame[0]):
                 allocation = self.allocations.get(self.five_tuple)
                 if allocation is not None:
                     allocation.from_client_channel(frame)
@@ -140,8 +198,11 @@ class StreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        self.core.drop_client(self.five_tuple)  # a no-op before connection_made
         self.transport = None
+        try:
+            self.core.drop_client(self.five_tuple)  # a no-op before connection_made
+        except Exception:
+            self.server.fault(self.name, f"{self.name.upper()}: closing a connection failed")
 
     def idle(self, now: float) -> bool:
         return self.five_tuple not in self.allocations and now - self.opened > TCP_IDLE_TIMEOUT
@@ -154,7 +215,6 @@ class TurnServer:
         self.settings = settings
         self.secret = secret if secret is not None else settings.secret
         self.ratelog = RateLimitedLog(log)
-        self.internal_errors = 0
         self.connections: set[StreamConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: asyncio.DatagramTransport | None = None
@@ -165,15 +225,20 @@ class TurnServer:
         self.core: TurnCore
         self.addresses: list[tuple[str, str, int]] = []
         self.self_test = SelfTest(settings, self.secret)
+        self._binding = ("udp", "", 0)  # what _listen() binds now, for the error if it fails
+
+    def fault(self, kind: str, message: str) -> None:
+        """Count a bug and log it, rate-limited, with the traceback being handled the first time
+        (every asyncio callback ends up here rather than in the loop's exception handler)."""
+        self.core.stats.faults += 1
+        self.ratelog.fault(kind, message)
 
     def handle(self, data: bytes, client: Client) -> bytes | None:
         """TurnCore.handle, but a bug in it costs one message, never the listener."""
         try:
             return self.core.handle(data, client)
         except Exception:
-            self.internal_errors += 1
-            self.ratelog("internal", f"error handling a {client.transport} message", error=True)
-            log.debug("handler failure", exc_info=True)
+            self.fault("core", f"internal error handling a {client.transport} message")
             return None
 
     async def start(self) -> None:
@@ -181,8 +246,9 @@ class TurnServer:
         if not (s.users or self.secret):
             log.warning("no --user and no --secret: every TURN request will be refused")
         loop = asyncio.get_running_loop()
-        self.relays = RelayPorts(s.turn_relay_ip, s.relay_ports, loop)
-        own = [ip for ip in (s.relay_ip, s.external_ip, s.turn_host) if ip]
+        bind_ips = s.relay_bind_ips
+        self.relays = RelayPorts(bind_ips, s.relay_ports, loop, on_fault=self._relay_fault)
+        own = [ip for ip in (*s.relay_ips, s.external_ip, s.turn_host) if ip]
         self.policy = policy = PeerPolicy(
             allow=s.allow_peers,
             deny=s.deny_peers,
@@ -191,28 +257,52 @@ class TurnServer:
             listen_ports={s.turn_port, s.tls_port},
         )
         # Where relays are announced when they bind to a wildcard and nothing else says.
-        fallback_ip = _primary_ip(":" in s.turn_relay_ip)
-        self.core = TurnCore(s, self.relays, policy, self.secret, fallback_ip=fallback_ip)
+        fallback_ips = {family: _primary_ip(family == 2) for family in bind_ips}
+        self.core = TurnCore(s, self.relays, policy, self.secret, fallback_ips=fallback_ips)
+        tls = self._tls_context()
         # Port 0 (tests) picks a free UDP port, which TCP may find taken: then try another.
         for attempt in range(1 if s.turn_port else 20):
             try:
-                await self._listen(loop)
+                await self._listen(loop, tls)
                 break
             except OSError as exc:
                 await self.stop()
                 if s.turn_port or exc.errno != errno.EADDRINUSE or attempt == 19:
-                    raise
+                    transport, host, port = self._binding
+                    reason = _os_reason(exc)
+                    raise StartupError(
+                        f"STUN/TURN cannot listen on {transport} {host}:{port}: {reason}"
+                    ) from exc
         policy.listen_on(port for _, _, port in self.addresses)
         self._sweeper = asyncio.create_task(self._sweep())
         for transport_name, host, port in self.addresses:
             log.info("STUN/TURN listening on %s %s:%d", transport_name, host, port)
         low, high = s.relay_ports
-        log.info("relays on %s ports %d-%d, realm %r", s.turn_relay_ip, low, high, s.realm)
+        shown = " and ".join(bind_ips.values())
+        log.info("relays on %s ports %d-%d, realm %r", shown, low, high, s.realm)
         if s.self_test:
             self.self_test.start(self.addresses)
 
-    async def _listen(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _relay_fault(self) -> None:
+        self.fault("relay", "relaying a datagram from a peer failed; dropped it")
+
+    def _tls_context(self) -> ssl.SSLContext | None:
         s = self.settings
+        if not (s.tls_cert and s.tls_key):
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(s.tls_cert, s.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = _os_reason(exc) if isinstance(exc, OSError) else str(exc)
+            raise StartupError(
+                f"cannot load --tls-cert {s.tls_cert} / --tls-key {s.tls_key}: {reason}"
+            ) from exc
+        return context
+
+    async def _listen(self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLContext | None) -> None:
+        s = self.settings
+        self._binding = ("udp", s.turn_host, s.turn_port)
         transport, _ = await loop.create_datagram_endpoint(
             lambda: UdpListener(self), local_addr=(s.turn_host, s.turn_port)
         )
@@ -223,20 +313,20 @@ class TurnServer:
             )
         port = transport.get_extra_info("sockname")[1]
         self.addresses.append(("udp", s.turn_host, port))
+        self._binding = ("tcp", s.turn_host, port)
         tcp = await loop.create_server(
             lambda: StreamConnection(self, "tcp"), s.turn_host, port, reuse_address=True
         )
         self._servers.append(tcp)
         self.addresses.append(("tcp", s.turn_host, port))
-        if s.tls_cert and s.tls_key:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(s.tls_cert, s.tls_key)
-            self._tls = context
-            tls = await loop.create_server(
-                lambda: StreamConnection(self, "tls"), s.turn_host, s.tls_port, ssl=context
+        if tls is not None:
+            self._binding = ("tls", s.turn_host, s.tls_port)
+            self._tls = tls  # kept for reload_tls()
+            listener = await loop.create_server(
+                lambda: StreamConnection(self, "tls"), s.turn_host, s.tls_port, ssl=tls
             )
-            self._servers.append(tls)
-            self.addresses.append(("tls", s.turn_host, tls.sockets[0].getsockname()[1]))
+            self._servers.append(listener)
+            self.addresses.append(("tls", s.turn_host, listener.sockets[0].getsockname()[1]))
 
     async def _sweep(self) -> None:
         while True:
@@ -245,7 +335,8 @@ class TurnServer:
                 self.core.expire(time.time())
                 self.close_idle(time.monotonic())
             except Exception:
-                log.exception("expiry sweep failed")
+                self.fault("sweep", "the expiry sweep failed")
+            self.ratelog.flush(time.monotonic())
 
     def close_idle(self, now: float) -> None:
         """Close TCP/TLS connections that have had no allocation for TCP_IDLE_TIMEOUT."""
@@ -263,18 +354,17 @@ class TurnServer:
         if self._tls is None or not (s.tls_cert and s.tls_key):
             return False
         try:
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                s.tls_cert, s.tls_key
-            )
-            self._tls.load_cert_chain(s.tls_cert, s.tls_key)
-        except (OSError, ssl.SSLError) as exc:
+            self._tls_context()
+        except StartupError as exc:
             log.error("TLS certificate not reloaded, keeping the old one: %s", exc)
             return False
+        self._tls.load_cert_chain(s.tls_cert, s.tls_key)
         log.info("TLS certificate reloaded from %s", s.tls_cert)
         return True
 
     async def stop(self) -> None:
         await self.self_test.stop()
+        started = self._sweeper is not None
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -295,26 +385,39 @@ class TurnServer:
             self._udp = None
         self.core.table.close()
         self.relays.close()
+        if started:
+            self.ratelog.flush()  # the log's counts now add up to the fault counter
+            stats = self.core.stats
+            log.info(
+                "STUN/TURN stopped; %d faults in all, %d connections reset before accepted",
+                stats.faults,
+                stats.connections_reset,
+            )
 
     @property
     def port(self) -> int:
         return self.addresses[0][2]
 
     def stats(self) -> dict[str, int]:
+        """Gauges (what is alive now) and counters (only go up): docs/turn.md, "Statistics"."""
         core = self.core
         return {
             "allocations": len(core.table),
             "tcp_connections": len(self.connections),
-            "requests": core.stats.requests,
-            "bad_requests": core.stats.bad_requests,
-            "unauthenticated": core.stats.unauthenticated,
-            "dropped": core.stats.dropped,
-            "internal_errors": self.internal_errors,
-            # Of the allocations alive now: bytes relayed each way, datagrams the OS refused.
-            "relayed_bytes_in": sum(a.relayed_in for a in core.table),
-            "relayed_bytes_out": sum(a.relayed_out for a in core.table),
-            "relay_send_drops": sum(a.relay.dropped for a in core.table),
+            **core.stats.snapshot(core.table),
         }
+
+
+def _os_reason(exc: BaseException) -> str:
+    """The operating system's words for an error ("Address already in use"), looking through
+    the wrappers some loops add ("could not bind to local_addr ...")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        number = getattr(seen, "errno", None)
+        if isinstance(number, int) and number > 0:
+            return os.strerror(number)
+        seen = seen.__cause__ or seen.__context__
+    return str(exc)
 
 
 def _primary_ip(ipv6: bool) -> str:

@@ -2,12 +2,17 @@
 
 aioice parses leniently (it skips attributes that do not fit, keeps the last of repeated ones and
 accepts a missing magic cookie), so `decode()` walks every message itself first and only then
-lets aioice decode the attribute values.
+decodes the attribute values with aioice's value functions.
+
+The attribute tables are this codec's own: a copy of aioice's with the TURN attributes it lacks
+and stricter readers. aioice's global tables are never changed, so an aioice or aiortc client in
+the same process (the tests run them next to the server) is the library as published.
 """
 
 from __future__ import annotations
 
 import binascii
+import hmac
 import struct
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -96,7 +101,7 @@ def _unpack_channel(data: bytes) -> int:
     return cast(int, struct.unpack("!H", data[:2])[0])
 
 
-# Attributes aioice does not know; registered in its tables so it can read and write them.
+# Attributes aioice does not know.
 _EXTRA: list[stun.AttributeEntry] = [
     (0x000A, "UNKNOWN-ATTRIBUTES", _pack_unknown, _unpack_unknown),
     (0x0017, "REQUESTED-ADDRESS-FAMILY", _pack_family, _unpack_family),
@@ -114,31 +119,89 @@ _EXTRA: list[stun.AttributeEntry] = [
     (0x8004, "ICMP", stun.pack_bytes, stun.unpack_bytes),
     (0x8023, "ALTERNATE-SERVER", stun.pack_address, stun.unpack_address),
 ]
-for _entry in _EXTRA:
-    stun.ATTRIBUTES_BY_TYPE.setdefault(_entry[0], _entry)
-    stun.ATTRIBUTES_BY_NAME.setdefault(_entry[1], _entry)
-
 # aioice reads these leniently (a short LIFETIME raises struct.error, a long one is cut); be exact.
-stun.ATTRIBUTES_BY_TYPE[0x000D] = stun.ATTRIBUTES_BY_NAME["LIFETIME"] = (
-    0x000D,
-    "LIFETIME",
-    stun.pack_unsigned,
-    _unpack_u32,
-)
-stun.ATTRIBUTES_BY_TYPE[0x0019] = stun.ATTRIBUTES_BY_NAME["REQUESTED-TRANSPORT"] = (
-    0x0019,
-    "REQUESTED-TRANSPORT",
-    stun.pack_unsigned,
-    _unpack_u32,
-)
-stun.ATTRIBUTES_BY_TYPE[0x000C] = stun.ATTRIBUTES_BY_NAME["CHANNEL-NUMBER"] = (
-    0x000C,
-    "CHANNEL-NUMBER",
-    stun.pack_unsigned_short,
-    _unpack_channel,
-)
+_STRICT: list[stun.AttributeEntry] = [
+    (0x000C, "CHANNEL-NUMBER", stun.pack_unsigned_short, _unpack_channel),
+    (0x000D, "LIFETIME", stun.pack_unsigned, _unpack_u32),
+    (0x0019, "REQUESTED-TRANSPORT", stun.pack_unsigned, _unpack_u32),
+]
 
-KNOWN_TYPES = frozenset(stun.ATTRIBUTES_BY_TYPE)
+# This codec's tables: copies, so aioice.stun's own stay as aioice defines them.
+ATTRIBUTES_BY_TYPE: dict[int, stun.AttributeEntry] = dict(stun.ATTRIBUTES_BY_TYPE)
+ATTRIBUTES_BY_NAME: dict[str, stun.AttributeEntry] = dict(stun.ATTRIBUTES_BY_NAME)
+for _entry in (*_EXTRA, *_STRICT):
+    ATTRIBUTES_BY_TYPE[_entry[0]] = _entry
+    ATTRIBUTES_BY_NAME[_entry[1]] = _entry
+
+KNOWN_TYPES = frozenset(ATTRIBUTES_BY_TYPE)
+
+
+class Repeated(tuple[Any, ...]):
+    """An attribute value written once per item: the attribute repeats (e.g. two
+    XOR-RELAYED-ADDRESS in a dual-stack Allocate success, RFC 8656 §7.2)."""
+
+
+class TurnMessage(Message):
+    """aioice's Message, written and read with this codec's tables (`parse_message`)."""
+
+    integrity_data: bytes | None = None  # what MESSAGE-INTEGRITY covers, set by parse_message
+
+    def __bytes__(self) -> bytes:
+        body = bytearray()
+        for name, value in self.attributes.items():
+            atype, _, pack, _ = ATTRIBUTES_BY_NAME[name]
+            for item in value if isinstance(value, Repeated) else (value,):
+                if pack is stun.pack_xor_address:
+                    packed = pack(item, self.transaction_id)
+                else:
+                    packed = pack(item)
+                body += struct.pack("!HH", atype, len(packed)) + packed + bytes(-len(packed) & 3)
+        kind = self.message_method | self.message_class
+        return struct.pack("!HHI12s", kind, len(body), COOKIE, self.transaction_id) + body
+
+    def check_message_integrity(self, key: bytes) -> bool:
+        integrity = self.attributes.get("MESSAGE-INTEGRITY")
+        if self.integrity_data is None or integrity is None:
+            return False
+        expected = stun.message_integrity(self.integrity_data, key)
+        return hmac.compare_digest(integrity, expected)  # constant time
+
+
+def parse_message(data: bytes) -> TurnMessage:
+    """Decode a STUN message with this codec's tables. Of a repeated attribute the first counts
+    (RFC 8489 §14); after MESSAGE-INTEGRITY only FINGERPRINT is read (RFC 8489 §14.5). Raises
+    ValueError (or struct.error from a value reader) on what does not decode."""
+    if len(data) < HEADER:
+        raise ValueError("STUN message shorter than 20 bytes")
+    mtype, length, _, txid = struct.unpack_from("!HHI12s", data)
+    if HEADER + length != len(data):
+        raise ValueError("STUN message length does not match")
+    attributes: dict[str, Any] = {}
+    integrity_data: bytes | None = None
+    after_integrity = False
+    pos = HEADER
+    while pos + 4 <= len(data):
+        atype, alen = struct.unpack_from("!HH", data, pos)
+        value = data[pos + 4 : pos + 4 + alen]
+        entry = ATTRIBUTES_BY_TYPE.get(atype)
+        if entry is not None and (not after_integrity or atype == FINGERPRINT):
+            _, name, _, unpack = entry
+            if name not in attributes:
+                if unpack is stun.unpack_xor_address:
+                    attributes[name] = unpack(value, transaction_id=txid)
+                else:
+                    attributes[name] = unpack(value)
+            if atype == FINGERPRINT:
+                if attributes[name] != stun.message_fingerprint(data[:pos]):
+                    raise ValueError("STUN message fingerprint does not match")
+            elif atype == MESSAGE_INTEGRITY:
+                integrity_data, after_integrity = data[:pos], True
+            elif atype == MESSAGE_INTEGRITY_SHA256:
+                after_integrity = True
+        pos += 4 + alen + (-alen & 3)
+    message = TurnMessage(Method(mtype & 0x3EEF), Class(mtype & 0x0110), txid, attributes)
+    message.integrity_data = integrity_data
+    return message
 
 
 class Malformed(ValueError):
@@ -158,7 +221,7 @@ class BadRequest(ValueError):
 class Request:
     """A validated STUN message: aioice's decoded Message plus what aioice drops."""
 
-    message: Message
+    message: TurnMessage
     raw: bytes
     method: int
     cls: int
@@ -209,8 +272,6 @@ def decode(data: bytes) -> Request:
     txid = data[8:20]
     unknown: list[int] = []
     peers: list[tuple[str, int]] = []
-    seen: set[int] = set()
-    duplicates = False
     pos = HEADER
     after_integrity = False
     fingerprint_seen = False
@@ -253,9 +314,6 @@ def decode(data: bytes) -> Request:
                 raise Malformed(str(exc)) from None
         elif atype not in KNOWN_TYPES and atype < 0x8000:
             unknown.append(atype)  # comprehension-required (RFC 8489 §14)
-        if atype in seen:
-            duplicates = True
-        seen.add(atype)
         pos = padded
 
     if not is_request and cls != Class.INDICATION:
@@ -270,9 +328,7 @@ def decode(data: bytes) -> Request:
         raise Malformed("unknown indication")
 
     try:
-        message = stun.parse_message(data)
-        if duplicates:
-            _first_wins(message, data)
+        message = parse_message(data)
     except (ValueError, struct.error, IndexError) as exc:
         if is_request:
             raise BadRequest(f"Malformed attribute: {exc}") from None
@@ -286,27 +342,7 @@ def _with_length(prefix: bytes, length: int) -> bytes:
     return prefix[:2] + struct.pack("!H", length) + prefix[4:]
 
 
-def _first_wins(message: Message, data: bytes) -> None:
-    """RFC 8489 §14: of a repeated attribute only the first counts; aioice keeps the last."""
-    done: set[int] = set()
-    pos = HEADER
-    txid = data[8:20]
-    while pos + 4 <= len(data):
-        atype, alen = struct.unpack_from("!HH", data, pos)
-        if atype in (MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256, FINGERPRINT):
-            break
-        if atype in KNOWN_TYPES and atype not in done:
-            done.add(atype)
-            _, name, _, unpack = stun.ATTRIBUTES_BY_TYPE[atype]
-            value = data[pos + 4 : pos + 4 + alen]
-            if unpack is stun.unpack_xor_address:
-                message.attributes[name] = unpack(value, transaction_id=txid)
-            else:
-                message.attributes[name] = unpack(value)
-        pos += 4 + alen + (-alen & 3)
-
-
-def _check_lengths(message: Message) -> None:
+def _check_lengths(message: TurnMessage) -> None:
     attrs = message.attributes
     if len(attrs.get("USERNAME", "").encode()) > MAX_USERNAME:
         raise BadRequest("USERNAME too long")
@@ -360,8 +396,8 @@ class Responder:
     ) -> bytes:
         attrs: dict[str, Any] = {"ERROR-CODE": (code, reason or REASONS.get(code, "Error"))}
         attrs.update(attributes or {})
-        if request is None:  # a request aioice could not decode: answer from its header alone
-            message = Message(cast(Method, method), Class.ERROR, transaction_id, attrs)
+        if request is None:  # a request that could not be decoded: answer from its header alone
+            message = TurnMessage(cast(Method, method), Class.ERROR, transaction_id, attrs)
             message.attributes["SOFTWARE"] = self.software
             return bytes(message)
         return self._finish(request, Class.ERROR, attrs, key)
@@ -369,7 +405,7 @@ class Responder:
     def _finish(
         self, request: Request, cls: Class, attributes: dict[str, Any], key: bytes | None
     ) -> bytes:
-        message = Message(cast(Method, request.method), cls, request.transaction_id, {})
+        message = TurnMessage(cast(Method, request.method), cls, request.transaction_id, {})
         message.attributes.update(attributes)
         message.attributes["SOFTWARE"] = self.software
         if key is not None:

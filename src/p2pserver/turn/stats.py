@@ -1,0 +1,82 @@
+"""The TURN server's numbers: counters that only go up, and gauges for what is alive now.
+
+Names follow coturn's Prometheus metrics so an exporter maps them one to one (docs/turn.md,
+"Statistics"): `peer_rcvb` is coturn's turn_total_traffic_peer_rcvb, `allocations` its
+turn_total_allocations. The relayed traffic is counted on the hot path per allocation (one integer
+add on an object already in hand); when an allocation ends its counts are folded in here, so the
+totals never go down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Protocol
+
+
+class Traffic(Protocol):
+    """What an allocation counts as it relays (allocation.Allocation)."""
+
+    peer_rcvp: int  # datagrams from peers, relayed to the client
+    peer_rcvb: int  # their payload bytes
+    peer_sentp: int  # datagrams from the client, relayed to peers
+    peer_sentb: int  # their payload bytes
+
+    @property
+    def send_drops(self) -> int: ...
+
+
+COUNTERS = (
+    "requests",  # STUN/TURN requests decoded (not indications, not ChannelData)
+    "bad_requests",  # answered 400/420 before reaching a handler
+    "unauthenticated",  # answered 401/438 (or 400 for missing credentials)
+    "dropped",  # messages dropped unanswered: not STUN, broken, or an unusable indication
+    "faults",  # bugs caught in a callback (docs/turn.md, "Faults")
+    "connections_reset",  # TCP/TLS connections reset before they were accepted
+    "allocations_created",
+    "peer_rcvp",
+    "peer_rcvb",
+    "peer_sentp",
+    "peer_sentb",
+    "peer_send_drops",  # datagrams to peers the OS refused (full buffer, ICMP error)
+)
+
+
+class TurnStats:
+    __slots__ = COUNTERS
+
+    def __init__(self) -> None:
+        for name in COUNTERS:
+            setattr(self, name, 0)
+
+    # Declared for type checkers; __init__ sets them all to 0.
+    requests: int
+    bad_requests: int
+    unauthenticated: int
+    dropped: int
+    faults: int
+    connections_reset: int
+    allocations_created: int
+    peer_rcvp: int
+    peer_rcvb: int
+    peer_sentp: int
+    peer_sentb: int
+    peer_send_drops: int
+
+    def retire(self, allocation: Traffic) -> None:
+        """An allocation ended: keep what it relayed in the totals."""
+        self.peer_rcvp += allocation.peer_rcvp
+        self.peer_rcvb += allocation.peer_rcvb
+        self.peer_sentp += allocation.peer_sentp
+        self.peer_sentb += allocation.peer_sentb
+        self.peer_send_drops += allocation.send_drops
+
+    def snapshot(self, live: Iterable[Traffic]) -> dict[str, int]:
+        """Every counter, the traffic of the allocations alive now included."""
+        counts = {name: getattr(self, name) for name in COUNTERS}
+        for allocation in live:
+            counts["peer_rcvp"] += allocation.peer_rcvp
+            counts["peer_rcvb"] += allocation.peer_rcvb
+            counts["peer_sentp"] += allocation.peer_sentp
+            counts["peer_sentb"] += allocation.peer_sentb
+            counts["peer_send_drops"] += allocation.send_drops
+        return counts
