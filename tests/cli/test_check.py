@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
+from realtools import need_netns_firewall
 from serverlog import TIMEOUT, Server
 from tlskit import self_signed
 
@@ -104,10 +102,7 @@ async def test_check_blames_a_wrong_external_ip(tmp_path: Path) -> None:
 
 def test_check_says_when_udp_to_the_turn_port_is_blocked(tmp_path: Path) -> None:
     """In a network namespace of its own, a firewall drops UDP to 3478; TCP still works."""
-    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("iptables")):
-        if os.environ.get("CI"):
-            pytest.fail("CI needs root, unshare and iptables (apt-get install iptables)")
-        pytest.skip("needs root, unshare and iptables for a network namespace with a firewall")
+    need_netns_firewall()
     script = (
         "ip link set lo up && iptables -A INPUT -p udp --dport 3478 -j DROP && "
         f'exec "{sys.executable}" "{HERE / "blocked_check.py"}" "{tmp_path}"'

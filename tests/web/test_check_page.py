@@ -10,7 +10,6 @@ Screenshots at 1280 and 360 px wide go to test-artifacts/ on every run.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +18,9 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from .browserkit import ARTIFACTS, OpenPerson, ServerFactory, ServerProcess, skip_reason
+from realtools import need_netns_firewall
+
+from .browserkit import ARTIFACTS, OpenPerson, ServerFactory, ServerProcess, need_browser
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -30,18 +31,11 @@ HERE = Path(__file__).parent
 TIMEOUT = 60_000  # the page's verdict is bounded at 10 s; this is for a slow, shared machine
 
 
-def _missing(reason: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"CI needs this test's tools: {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture(autouse=True)
 def _chromium_required() -> Iterator[None]:
     """Autouse fixtures come first: under CI a missing browser fails here, before the
     `server` and `browser` fixtures would skip."""
-    if reason := skip_reason():
-        _missing(reason)
+    need_browser()
     yield
 
 
@@ -116,14 +110,13 @@ def test_check_page_says_no_relay_when_nothing_comes_through_it(
 
 def test_check_page_says_only_through_the_relay_when_udp_is_blocked(tmp_path: Path) -> None:
     """In a network namespace of its own, a firewall drops UDP to 3478; TCP still works."""
-    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("unshare", "ip", "iptables")):
-        _missing("needs root, unshare, ip and iptables for a network namespace with a firewall")
+    need_netns_firewall()
     script = (
         "ip link set lo up && iptables -A INPUT -p udp --dport 3478 -j DROP && "
         f'exec "{sys.executable}" "{HERE / "blocked_check_page.py"}" "{tmp_path}"'
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
-    env["PYTHONPATH"] = str(HERE.parent)  # for netkit, as pytest's pythonpath gives the tests
+    env["PYTHONPATH"] = str(HERE.parent)  # for realtools, as pytest's pythonpath gives the tests
     # --fork --kill-child: if this test times out, nothing is left running in the namespace.
     result = subprocess.run(
         ["unshare", "--net", "--fork", "--kill-child", "--", "sh", "-c", script],

@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+from realtools import need_module
 
-from playwright.sync_api import Page
+need_module("playwright", "pip install -e '.[test]'")  # skip, or with CI set fail
 
-from .browserkit import OpenPerson, ServerFactory, ServerProcess
+from playwright.sync_api import Page  # noqa: E402  (after the check above)
+
+from .browserkit import OpenPerson, ServerFactory, ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+from realtools import need_module
 
-from playwright.sync_api import Page, expect
+need_module("playwright", "pip install -e '.[test]'")  # skip, or with CI set fail
 
-from .browserkit import ARTIFACTS, OpenPerson, Person, ServerProcess
+from playwright.sync_api import Page, expect  # noqa: E402  (after the check above)
+
+from .browserkit import ARTIFACTS, OpenPerson, Person, ServerProcess  # noqa: E402
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser
