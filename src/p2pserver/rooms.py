@@ -7,6 +7,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import aiosqlite
 
@@ -59,6 +60,15 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class RoomStore:
+    """Rooms in one aiosqlite connection.
+
+    Every cursor is closed (or dropped) on aiosqlite's worker thread, never left to the garbage
+    collector on the event loop's thread: a sqlite3 cursor that dies holding a statement resets
+    it, and statements are shared through the connection's statement cache, so a cursor
+    collected on the loop's thread could reset a statement the worker thread was running for
+    another query at that moment (SQLITE_MISUSE, "bad parameter or other API misuse").
+    """
+
     def __init__(self, db: aiosqlite.Connection, ttl: float) -> None:
         self._db = db
         self.ttl = ttl
@@ -82,8 +92,7 @@ class RoomStore:
 
     async def ping(self) -> bool:
         try:
-            async with self._db.execute("SELECT 1") as cur:
-                return await cur.fetchone() == (1,)
+            return await self._fetchone("SELECT 1", ()) == (1,)
         except (aiosqlite.Error, ValueError):
             return False
 
@@ -94,7 +103,7 @@ class RoomStore:
         while True:
             room_id = secrets.token_urlsafe(ROOM_ID_BYTES)
             try:
-                await self._db.execute(
+                await self._write(
                     "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active)"
                     " VALUES (?, ?, ?, ?, ?)",
                     (room_id, pin_hash, max_peers, now, now),
@@ -107,12 +116,11 @@ class RoomStore:
         """The room, or None if it does not exist or has expired (even if not yet swept)."""
         if not is_room_id(room_id):
             return None
-        async with self._db.execute(
+        row = await self._fetchone(
             "SELECT id, pin_hash, max_peers, created, last_active FROM rooms"
             " WHERE id = ? AND last_active > ?",
             (room_id, now - self.ttl),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return None if row is None else Room(*row)
 
     async def verify_pin(self, room: Room, pin: str) -> bool:
@@ -122,34 +130,42 @@ class RoomStore:
         return await asyncio.to_thread(pins.verify_pin, pin, room.pin_hash)
 
     async def touch(self, room_ids: Iterable[str], now: float) -> None:
-        await self._db.executemany(
-            "UPDATE rooms SET last_active = ? WHERE id = ? AND last_active < ?",
-            [(now, room_id, now) for room_id in room_ids],
-        )
+        rows = [(now, room_id, now) for room_id in room_ids]
+        if rows:
+            async with self._db.executemany(
+                "UPDATE rooms SET last_active = ? WHERE id = ? AND last_active < ?", rows
+            ):
+                pass
 
     async def sweep(self, now: float) -> int:
         """Delete rooms idle for longer than the TTL; return how many."""
-        cur = await self._db.execute("DELETE FROM rooms WHERE last_active <= ?", (now - self.ttl,))
-        return cur.rowcount
+        return await self._write("DELETE FROM rooms WHERE last_active <= ?", (now - self.ttl,))
 
     async def count(self) -> int:
-        async with self._db.execute("SELECT count(*) FROM rooms") as cur:
-            row = await cur.fetchone()
+        row = await self._fetchone("SELECT count(*) FROM rooms", ())
         return int(row[0]) if row else 0
 
     async def meta_get_or_set(self, key: str, value: str) -> str:
         """meta[key], storing `value` first if absent (race-free across processes)."""
-        await self._db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value)
-        )
-        async with self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
-            row = await cur.fetchone()
+        await self._write("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        row = await self._fetchone("SELECT value FROM meta WHERE key = ?", (key,))
         assert row is not None
         return str(row[0])
 
     async def turn_secret(self) -> str:
         """The TURN REST API secret generated on first start, so credentials survive restarts."""
         return await self.meta_get_or_set("turn_secret", secrets.token_urlsafe(32))
+
+    # Both helpers finish with the cursor on the worker thread (see the class docstring).
+
+    async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> Any:
+        rows = await self._db.execute_fetchall(sql, params)  # the cursor dies in the worker
+        return next(iter(rows), None)
+
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+        """Run one statement; return how many rows it changed."""
+        async with self._db.execute(sql, params) as cur:
+            return cur.rowcount
 
 
 async def migrate(db: aiosqlite.Connection) -> int:
