@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import MutableMapping
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from p2pserver.config import Settings
 from p2pserver.ice import host_from_header, ice_servers, url_host
 from p2pserver.ratelimit import SlidingWindow, TokenBucket
 from p2pserver.rooms import Room, RoomStore
+from p2pserver.wsserver import LANE, Lane
 
 log = logging.getLogger("p2pserver.signaling")
 
@@ -36,14 +38,40 @@ class _Close:
 
 
 class Connection:
-    """One WebSocket: its place in a room, its limits, and an outgoing queue with its own writer.
+    """One WebSocket: its place in a room, its limits, and how messages reach it.
 
-    Everything sent to a peer goes through its queue, so a peer that reads slowly only ever
-    delays itself; when its backlog passes a bound it is dropped (too-slow) instead.
+    With a Lane (our own uvicorn protocol, see wsserver.py) a message is written to the socket
+    at once; otherwise it goes through a queue that a writer task empties. Either way a peer
+    that reads slowly only ever delays itself: when its backlog (bytes the kernel has not taken,
+    or the queue) passes a bound it is dropped (too-slow) instead.
     """
 
-    def __init__(self, ws: WebSocket, address: str, settings: Settings, now: float) -> None:
+    __slots__ = (
+        "_max_bytes",
+        "_queue",
+        "_queued_bytes",
+        "_writer",
+        "address",
+        "bucket",
+        "dead",
+        "errors",
+        "finished",
+        "lane",
+        "peer_id",
+        "room_id",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        address: str,
+        settings: Settings,
+        now: float,
+        lane: Lane | None = None,
+    ) -> None:
         self.ws = ws
+        self.lane = lane
         self.address = address
         self.peer_id: str | None = None
         self.room_id: str | None = None
@@ -55,12 +83,19 @@ class Connection:
         self._queue: asyncio.Queue[str | _Close] = asyncio.Queue()
         self._queued_bytes = 0
         self._max_bytes = max(MIN_QUEUED_BYTES, 16 * settings.ws_max_message)
+        self._writer: asyncio.Task[None] | None = None
 
     def send(self, message: dict[str, Any] | str) -> bool:
         """Queue a message (or its encoding); False when the backlog is over its bound."""
         if self.dead:
             return True
         text = message if isinstance(message, str) else m.encode(message)
+        lane = self.lane
+        if lane is not None and self._queue.empty():  # nothing queued: order is kept
+            if lane.buffered() + len(text) > self._max_bytes:
+                return False
+            lane.send(text)  # False: gone; the reader sees the disconnect and cleans up
+            return True
         if (
             self._queue.qsize() >= MAX_QUEUED_ITEMS
             or self._queued_bytes + len(text) > self._max_bytes
@@ -86,6 +121,18 @@ class Connection:
             self._queued_bytes += len(text)  # the writer takes it off again
             self._queue.put_nowait(text)
         self._queue.put_nowait(_Close(code, reason))
+        if self.lane is not None:  # the close itself goes through ASGI, so a writer does it
+            self.start_writer()
+
+    def start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.create_task(self.run_writer())
+
+    async def stop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
 
     async def run_writer(self) -> None:
         try:
@@ -165,8 +212,10 @@ class Hub:
         await ws.accept()
         loop = asyncio.get_running_loop()
         address = client_address(ws)
-        conn = Connection(ws, address, self.settings, loop.time())
-        writer = asyncio.create_task(conn.run_writer())
+        lane: Lane | None = ws.scope.get("extensions", {}).get(LANE)
+        conn = Connection(ws, address, self.settings, loop.time(), lane)
+        if lane is None:
+            conn.start_writer()
         counted = False
         try:
             if self.closing:
@@ -179,15 +228,15 @@ class Hub:
                 counted = True
             await self._read(conn, ws.path_params["room_id"])
         finally:
+            if lane is not None:
+                lane.set_handler(None)
             self._leave(conn)
             if counted:
                 self.connections.discard(conn)
                 self._per_address[address] -= 1
                 if self._per_address[address] <= 0:
                     del self._per_address[address]
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            await conn.stop_writer()
             conn.finished.set()
 
     async def _read(self, conn: Connection, room_id: str) -> None:
@@ -209,20 +258,35 @@ class Hub:
             if conn.dead:
                 continue
             try:
-                await self._on_frame(conn, room_id, message)
+                join = self._on_frame(conn, room_id, message.get("text"), message.get("bytes"))
+                if join is not None:
+                    await join
             except Exception:  # a fault of ours (say, the database): close this peer cleanly
-                log.exception("signaling fault")
-                conn.close(m.CLOSE_INTERNAL_ERROR, "internal error")
-                self._leave(conn)
+                self._fault(conn)
 
-    async def _on_frame(
-        self, conn: Connection, room_id: str, frame: MutableMapping[str, Any]
-    ) -> None:
-        text: str | None = frame.get("text")
+    def _on_lane_text(self, conn: Connection, text: str) -> None:
+        """A text frame of a joined peer, straight from the protocol (no task in between)."""
+        if conn.dead or conn.room_id is None:
+            return
+        try:
+            join = self._on_frame(conn, conn.room_id, text, None)
+            assert join is None  # a joined peer's join is answered at once
+        except Exception:
+            self._fault(conn)
+
+    def _fault(self, conn: Connection) -> None:
+        log.exception("signaling fault")
+        conn.close(m.CLOSE_INTERNAL_ERROR, "internal error")
+        self._leave(conn)
+
+    def _on_frame(
+        self, conn: Connection, room_id: str, text: str | None, data: bytes | None
+    ) -> Coroutine[Any, Any, None] | None:
+        """Handle one frame; only a join has to wait for something, and is returned to await."""
         if text is not None:  # isascii() is O(1): most frames need no UTF-8 copy to be measured
             size = len(text) if text.isascii() else len(text.encode())
         else:
-            size = len(frame.get("bytes") or b"")
+            size = len(data or b"")
         limit = self.settings.ws_max_message
         if not conn.bucket.take(asyncio.get_running_loop().time()):
             return self._reject(conn, m.RATE_LIMITED)
@@ -240,7 +304,9 @@ class Hub:
         if kind == "ping":
             return self._deliver(conn, {"type": "pong"})
         if kind == "join":
-            return await self._join(conn, room_id, message)
+            if conn.peer_id is not None:
+                return self._reject(conn, m.BAD_MESSAGE, "already joined")
+            return self._join(conn, room_id, message)
         return self._reject(conn, m.BAD_MESSAGE, "unknown message type")
 
     # -- joining -----------------------------------------------------------------------------
@@ -273,8 +339,6 @@ class Hub:
         return m.WRONG_PIN
 
     async def _join(self, conn: Connection, room_id: str, message: dict[str, Any]) -> None:
-        if conn.peer_id is not None:
-            return self._reject(conn, m.BAD_MESSAGE, "already joined")
         pin = message.get("pin")
         if pin is not None and not isinstance(pin, str):
             return self._reject(conn, m.BAD_MESSAGE, '"pin" must be a string')
@@ -308,6 +372,8 @@ class Hub:
         }
         self._deliver(conn, welcome)
         self._broadcast(others, {"type": "peer-joined", "peerId": peer_id})
+        if conn.lane is not None and not conn.dead:
+            conn.lane.set_handler(functools.partial(self._on_lane_text, conn))
         await self._store().touch([room.id], time.time())
 
     def _ice_host(self, ws: WebSocket) -> str:
@@ -333,7 +399,7 @@ class Hub:
         if target is None or target is conn:
             return self._reject(conn, m.UNKNOWN_PEER)
         try:  # json.dumps recurses deeper than json.loads did: data parsed may not encode
-            text = m.encode({"type": "signal", "from": conn.peer_id, "data": message["data"]})
+            text = m.encode_signal(conn.peer_id, message["data"])
         except RecursionError:
             return self._reject(conn, m.BAD_MESSAGE, "nested too deeply")
         self._deliver(target, text)

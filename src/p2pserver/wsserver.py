@@ -1,0 +1,100 @@
+"""uvicorn's sans-I/O WebSocket protocol, plus a synchronous lane for joined signaling peers.
+
+Through ASGI every frame costs two task hops: uvicorn queues it for the app's `receive()`, and
+the app's reply waits for the recipient's writer task. A relayed signal needs neither: handling
+it never waits for anything. So the connection offers the app a `Lane` (in the ASGI scope's
+extensions, under LANE): once the app sets a text handler, text frames go straight from
+`data_received` to it, and `Lane.send` writes a frame to the socket at once. Everything else
+(the handshake, the join, the close) still goes through ASGI. docs/architecture.md has the
+measurements behind this choice.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+
+LANE = "p2pserver.lane"  # the scope["extensions"] key
+
+TextHandler = Callable[[str], None]
+
+
+class Lane:
+    """What the app may do on a connection without ASGI: take text frames, send text frames."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: SignalingWebSocketProtocol) -> None:
+        self._protocol = protocol
+
+    def set_handler(self, handler: TextHandler | None) -> None:
+        """Give text frames to `handler` as they arrive (None: back to the ASGI queue)."""
+        self._protocol.text_handler = handler
+
+    def send(self, text: str) -> bool:
+        """Write one text frame now; False if the connection is closing or gone."""
+        return self._protocol.send_now(text)
+
+    def buffered(self) -> int:
+        """Bytes written but not yet taken by the kernel (what a slow reader piles up)."""
+        return self._protocol.transport.get_write_buffer_size()
+
+
+class SignalingWebSocketProtocol(WebSocketsSansIOProtocol):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.text_handler: TextHandler | None = None
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:  # None: the handshake was refused
+            scope["extensions"][LANE] = Lane(self)
+
+    def send_receive_event_to_app(self) -> None:
+        handler = self.text_handler
+        # Only when nothing is queued for the app: frames keep their order.
+        if (
+            handler is None
+            or self.curr_msg_data_type != "text"
+            or self.close_sent
+            or not self.queue.empty()
+        ):
+            return super().send_receive_event_to_app()
+        data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
+        self.frames = []
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:  # RFC 6455 §8.1: invalid UTF-8 in a text frame fails it
+            self.frames = [data]
+            return super().send_receive_event_to_app()
+        handler(text)
+
+    def send_now(self, text: str) -> bool:
+        conn = self.conn
+        if self.close_sent or self.disconnected or conn.state is not State.OPEN:
+            return False
+        payload = text.encode()
+        if conn.extensions or conn.expect_continuation_frame:  # say, permessage-deflate
+            conn.send_text(payload)
+            self.transport.write(b"".join(conn.data_to_send()))
+        else:  # a whole, unmasked server frame is just a header (RFC 6455 §5.2)
+            self.transport.write(text_frame_header(len(payload)) + payload)
+        return True
+
+
+def text_frame_header(length: int) -> bytes:
+    """FIN + opcode 1 (text), no mask, and the payload length in 7, 7+16 or 7+64 bits."""
+    if length < 126:
+        return bytes((0x81, length))
+    if length < 65536:
+        return _HEADER_16.pack(0x81, 126, length)
+    return _HEADER_64.pack(0x81, 127, length)
+
+
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
