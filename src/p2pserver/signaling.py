@@ -300,7 +300,7 @@ class Hub:
             return self._reject(conn, m.BAD_MESSAGE, str(exc))
         kind = message["type"]
         if kind == "signal":
-            return self._signal(conn, message)
+            return self._signal(conn, message, text)
         if kind == "ping":
             return self._deliver(conn, {"type": "pong"})
         if kind == "join":
@@ -387,7 +387,7 @@ class Hub:
 
     # -- relaying ----------------------------------------------------------------------------
 
-    def _signal(self, conn: Connection, message: dict[str, Any]) -> None:
+    def _signal(self, conn: Connection, message: dict[str, Any], text: str | None = None) -> None:
         if conn.peer_id is None or conn.room_id is None:
             return self._reject(conn, m.BAD_MESSAGE, "join first")
         to = message.get("to")
@@ -399,10 +399,11 @@ class Hub:
         if target is None or target is conn:
             return self._reject(conn, m.UNKNOWN_PEER)
         try:  # json.dumps recurses deeper than json.loads did: data parsed may not encode
-            text = m.encode_signal(conn.peer_id, message["data"])
+            data_text = m.signal_data_text(text, message) if text is not None else None
+            relayed = m.encode_signal(conn.peer_id, message["data"], data_text)
         except RecursionError:
             return self._reject(conn, m.BAD_MESSAGE, "nested too deeply")
-        self._deliver(target, text)
+        self._deliver(target, relayed)
 
     def _broadcast(self, conns: list[Connection], message: dict[str, Any]) -> None:
         text = m.encode(message)  # once, not once per recipient

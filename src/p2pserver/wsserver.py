@@ -40,14 +40,45 @@ class Lane:
         return self._protocol.send_now(text)
 
     def buffered(self) -> int:
-        """Bytes written but not yet taken by the kernel (what a slow reader piles up)."""
-        return self._protocol.transport.get_write_buffer_size()
+        """Bytes sent but not yet taken by the kernel (what a slow reader piles up)."""
+        protocol = self._protocol
+        return protocol.transport.get_write_buffer_size() + protocol.pending_bytes
+
+
+# Frames sent while some connection's data_received runs wait in their connection's `pending`
+# until it returns, so the signals one read brings for one peer leave in one write (one system
+# call) instead of one each. Outside data_received (a join, a disconnect) frames go at once.
+_batch: list[SignalingWebSocketProtocol] | None = None
 
 
 class SignalingWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.text_handler: TextHandler | None = None
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        global _batch
+        if _batch is not None:  # not expected (no nesting), but then the outer one flushes
+            return super().data_received(data)
+        _batch = batch = []
+        try:
+            super().data_received(data)
+        finally:
+            _batch = None
+            for protocol in batch:
+                protocol.flush()
+
+    def flush(self) -> None:
+        frames, self.pending, self.pending_bytes = self.pending, [], 0
+        # A close may have come in the meantime: RFC 6455 §5.5.1, no data after it.
+        if frames and not self.close_sent and self.conn.state is State.OPEN:
+            self.transport.write(b"".join(frames))
+
+    async def send(self, message: Any) -> None:
+        self.flush()  # whatever the app sends through ASGI (say, a close) goes after
+        await super().send(message)
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
@@ -80,10 +111,18 @@ class SignalingWebSocketProtocol(WebSocketsSansIOProtocol):
             return False
         payload = text.encode()
         if conn.extensions or conn.expect_continuation_frame:  # say, permessage-deflate
+            self.flush()
             conn.send_text(payload)
             self.transport.write(b"".join(conn.data_to_send()))
-        else:  # a whole, unmasked server frame is just a header (RFC 6455 §5.2)
-            self.transport.write(text_frame_header(len(payload)) + payload)
+            return True
+        frame = text_frame_header(len(payload)) + payload  # RFC 6455 §5.2: unmasked, whole
+        if _batch is None:
+            self.transport.write(frame)
+        else:
+            if not self.pending:
+                _batch.append(self)
+            self.pending.append(frame)
+            self.pending_bytes += len(frame)
         return True
 
 
