@@ -55,7 +55,6 @@ class Connection:
         "bucket",
         "dead",
         "errors",
-        "finished",
         "lane",
         "peer_id",
         "room_id",
@@ -76,11 +75,11 @@ class Connection:
         self.peer_id: str | None = None
         self.room_id: str | None = None
         self.dead = False  # a close is queued: its input is ignored, nothing more is queued
-        self.finished = asyncio.Event()
         rate = settings.ws_messages_per_second
         self.bucket = TokenBucket(rate, max(MIN_BURST, rate), now)
         self.errors = SlidingWindow(settings.ws_max_errors, ERROR_WINDOW)  # >= 1: check_settings
-        self._queue: asyncio.Queue[str | _Close] = asyncio.Queue()
+        # A peer with a lane only queues its close: the queue is made when needed (memory).
+        self._queue: asyncio.Queue[str | _Close] | None = None if lane else asyncio.Queue()
         self._queued_bytes = 0
         self._max_bytes = max(MIN_QUEUED_BYTES, 16 * settings.ws_max_message)
         self._writer: asyncio.Task[None] | None = None
@@ -91,19 +90,23 @@ class Connection:
             return True
         text = message if isinstance(message, str) else m.encode(message)
         lane = self.lane
-        if lane is not None and self._queue.empty():  # nothing queued: order is kept
+        queue = self._queue
+        if lane is not None and (queue is None or queue.empty()):  # nothing queued: in order
             if lane.buffered() + len(text) > self._max_bytes:
                 return False
             lane.send(text)  # False: gone; the reader sees the disconnect and cleans up
             return True
-        if (
-            self._queue.qsize() >= MAX_QUEUED_ITEMS
-            or self._queued_bytes + len(text) > self._max_bytes
-        ):
+        queue = self._outbox()
+        if queue.qsize() >= MAX_QUEUED_ITEMS or self._queued_bytes + len(text) > self._max_bytes:
             return False
         self._queued_bytes += len(text)
-        self._queue.put_nowait(text)
+        queue.put_nowait(text)
         return True
+
+    def _outbox(self) -> asyncio.Queue[str | _Close]:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        return self._queue
 
     def close(
         self, code: int, reason: str, *, error: m.ErrorCode | None = None, flush: bool = True
@@ -112,15 +115,16 @@ class Connection:
         if self.dead:
             return
         self.dead = True
+        queue = self._outbox()
         if not flush:
-            while not self._queue.empty():
-                self._queue.get_nowait()
+            while not queue.empty():
+                queue.get_nowait()
             self._queued_bytes = 0
         if error is not None:
             text = m.encode(m.error(error))
             self._queued_bytes += len(text)  # the writer takes it off again
-            self._queue.put_nowait(text)
-        self._queue.put_nowait(_Close(code, reason))
+            queue.put_nowait(text)
+        queue.put_nowait(_Close(code, reason))
         if self.lane is not None:  # the close itself goes through ASGI, so a writer does it
             self.start_writer()
 
@@ -137,7 +141,7 @@ class Connection:
     async def run_writer(self) -> None:
         try:
             while True:
-                item = await self._queue.get()
+                item = await self._outbox().get()
                 if isinstance(item, _Close):
                     await self.ws.close(item.code, item.reason)
                     return
@@ -170,6 +174,7 @@ class Hub:
         self.rooms: dict[str, dict[str, Connection]] = {}
         self.connections: set[Connection] = set()
         self.closing = False
+        self._all_gone = asyncio.Event()  # set when closing and the last connection is gone
         self._per_address: Counter[str] = Counter()
         self._room_failures = SlidingWindow(settings.pin_attempts, settings.pin_lockout)
         self._address_failures = SlidingWindow(settings.pin_attempts, settings.pin_lockout)
@@ -197,11 +202,9 @@ class Hub:
         conns = list(self.connections)
         for conn in conns:
             conn.close(m.CLOSE_GOING_AWAY, "server shutting down", flush=False)
-        waits = [asyncio.create_task(conn.finished.wait()) for conn in conns]
-        if waits:
-            _, pending = await asyncio.wait(waits, timeout=5.0)
-            for task in pending:
-                task.cancel()
+        if conns:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_gone.wait(), 5.0)
 
     # -- the endpoint ------------------------------------------------------------------------
 
@@ -231,13 +234,14 @@ class Hub:
             if lane is not None:
                 lane.set_handler(None)
             self._leave(conn)
+            await conn.stop_writer()
             if counted:
                 self.connections.discard(conn)
                 self._per_address[address] -= 1
                 if self._per_address[address] <= 0:
                     del self._per_address[address]
-            await conn.stop_writer()
-            conn.finished.set()
+                if self.closing and not self.connections:
+                    self._all_gone.set()
 
     async def _read(self, conn: Connection, room_id: str) -> None:
         """Read frames until the client disconnects (which also follows any close we send)."""

@@ -79,6 +79,10 @@ class SignalingWebSocketProtocol(WebSocketsSansIOProtocol):
     async def send(self, message: Any) -> None:
         self.flush()  # whatever the app sends through ASGI (say, a close) goes after
         await super().send(message)
+        if self.handshake_complete:
+            # The handshake's request and response (a few KB of headers) are no longer needed;
+            # the app keeps what it needs in its scope.
+            self.request = self.response = None
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
