@@ -26,6 +26,7 @@ from starlette.websockets import WebSocket
 from p2pserver.config import Settings
 from p2pserver.ice import url_host
 from p2pserver.ratelimit import SlidingWindow
+from p2pserver.roomcache import RoomCache
 from p2pserver.rooms import RoomStore
 from p2pserver.signaling import Hub, client_address
 
@@ -130,13 +131,13 @@ async def create_chat(request: Request) -> Response:
             429, "rate-limited", "too many rooms created, slow down", {"Retry-After": str(wait)}
         )
     limiter.hit(address, now)
-    store: RoomStore = request.app.state.hub.store
+    store: RoomCache = request.app.state.hub.store
     room_id, pin = await store.create(with_pin=with_pin, max_peers=max_peers, now=time.time())
     return JSONResponse({"roomId": room_id, "pin": pin})
 
 
 async def check_chat(request: Request) -> Response:
-    store: RoomStore = request.app.state.hub.store
+    store: RoomCache = request.app.state.hub.store
     room = await store.get(request.path_params["room_id"], time.time())
     if room is None:
         return _error(404, "not-found", "no such room")
@@ -205,7 +206,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 async def sweep_forever(
-    hub: Hub, store: RoomStore, create_limiter: SlidingWindow, interval: float
+    hub: Hub, store: RoomCache, create_limiter: SlidingWindow, interval: float
 ) -> None:
     """Keep rooms with connected peers fresh, delete idle ones, forget old rate-limit entries."""
     while True:
@@ -227,7 +228,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = await RoomStore.open(settings.db, settings.room_ttl)
+        store = RoomCache(await RoomStore.open(settings.db, settings.room_ttl))
         try:
             hub.store = store
             hub.secret = settings.secret or await store.turn_secret()

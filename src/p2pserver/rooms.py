@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
@@ -72,6 +73,8 @@ class RoomStore:
     def __init__(self, db: aiosqlite.Connection, ttl: float) -> None:
         self._db = db
         self.ttl = ttl
+        self._inserts: list[tuple[Room, asyncio.Future[None]]] = []
+        self._inserter: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(cls, path: str, ttl: float) -> RoomStore:
@@ -88,6 +91,13 @@ class RoomStore:
         return cls(db, ttl)
 
     async def close(self) -> None:
+        if self._inserter is not None:
+            self._inserter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._inserter
+        for _, waiter in self._inserts:
+            _settle(waiter, RuntimeError("room store closed"))
+        self._inserts = []
         await self._db.close()
 
     async def ping(self) -> bool:
@@ -98,19 +108,76 @@ class RoomStore:
 
     async def create(self, *, with_pin: bool, max_peers: int, now: float) -> tuple[str, str | None]:
         """Create a room; return (room id, PIN or None). The PIN itself is never stored."""
+        room, pin = await self.create_room(with_pin=with_pin, max_peers=max_peers, now=now)
+        return room.id, pin
+
+    async def create_room(
+        self, *, with_pin: bool, max_peers: int, now: float
+    ) -> tuple[Room, str | None]:
+        """Create a room; return it and its PIN (or None), once it is on disk."""
         pin = pins.new_pin() if with_pin else None
         pin_hash = await asyncio.to_thread(pins.hash_pin, pin) if pin else None
         while True:
-            room_id = secrets.token_urlsafe(ROOM_ID_BYTES)
+            room = Room(secrets.token_urlsafe(ROOM_ID_BYTES), pin_hash, max_peers, now, now)
             try:
-                await self._write(
-                    "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active)"
-                    " VALUES (?, ?, ?, ?, ?)",
-                    (room_id, pin_hash, max_peers, now, now),
-                )
+                await self._insert(room)
             except aiosqlite.IntegrityError:  # 2**-128 odds, but cheap to handle
                 continue
-            return room_id, pin
+            return room, pin
+
+    async def _insert(self, room: Room) -> None:
+        """Queue the room for the inserter and wait until its transaction is committed.
+
+        Rooms created at the same time share one transaction, so one disk sync (synchronous =
+        FULL) covers them all instead of one sync each.
+        """
+        waiter = asyncio.get_running_loop().create_future()
+        self._inserts.append((room, waiter))
+        if self._inserter is None or self._inserter.done():
+            self._inserter = asyncio.create_task(self._insert_batches())
+        await waiter
+
+    async def _insert_batches(self) -> None:
+        # Other statements on the connection may run inside a batch's transaction (aiosqlite
+        # runs them in turn); they are autocommit reads and idempotent writes, so a rollback
+        # costs at most a touch.
+        while self._inserts:
+            batch, self._inserts = self._inserts, []
+            rows = [(r.id, r.pin_hash, r.max_peers, r.created, r.last_active) for r, _ in batch]
+            try:
+                await self._insert_rows(rows)
+            except aiosqlite.IntegrityError:  # an id taken: each on its own, so only it fails
+                for row, (_, waiter) in zip(rows, batch, strict=True):
+                    try:
+                        await self._insert_rows([row])
+                    except Exception as exc:
+                        _settle(waiter, exc)
+                    else:
+                        _settle(waiter, None)
+            except Exception as exc:
+                for _, waiter in batch:
+                    _settle(waiter, exc)
+            else:
+                for _, waiter in batch:
+                    _settle(waiter, None)
+            finally:  # cancelled (closing): nobody may wait forever
+                for _, waiter in batch:
+                    _settle(waiter, RuntimeError("room store closed"))
+
+    async def _insert_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        await self._write("BEGIN IMMEDIATE", ())
+        try:
+            async with self._db.executemany(
+                "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active)"
+                " VALUES (?, ?, ?, ?, ?)",
+                rows,
+            ):
+                pass
+            await self._write("COMMIT", ())
+        except BaseException:
+            with contextlib.suppress(aiosqlite.Error, ValueError):
+                await self._write("ROLLBACK", ())
+            raise
 
     async def get(self, room_id: str, now: float) -> Room | None:
         """The room, or None if it does not exist or has expired (even if not yet swept)."""
@@ -166,6 +233,15 @@ class RoomStore:
         """Run one statement; return how many rows it changed."""
         async with self._db.execute(sql, params) as cur:
             return cur.rowcount
+
+
+def _settle(waiter: asyncio.Future[None], error: BaseException | None) -> None:
+    if waiter.done():  # its creator went away (cancelled)
+        return
+    if error is None:
+        waiter.set_result(None)
+    else:
+        waiter.set_exception(error)
 
 
 async def migrate(db: aiosqlite.Connection) -> int:

@@ -20,7 +20,8 @@ from p2pserver import messages as m
 from p2pserver.config import Settings
 from p2pserver.ice import host_from_header, ice_servers, url_host
 from p2pserver.ratelimit import SlidingWindow, TokenBucket
-from p2pserver.rooms import Room, RoomStore
+from p2pserver.roomcache import RoomCache
+from p2pserver.rooms import Room
 from p2pserver.wsserver import LANE, Lane
 
 log = logging.getLogger("p2pserver.signaling")
@@ -167,7 +168,7 @@ class Hub:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store: RoomStore | None = None  # set by the app's lifespan
+        self.store: RoomCache | None = None  # set by the app's lifespan
         self.secret = ""  # TURN REST API secret, set by the app's lifespan
         # check_settings guarantees --public-host is a host name or IP.
         self._public_host = url_host(settings.public_host) if settings.public_host else None
@@ -443,7 +444,7 @@ class Hub:
         elif not self.closing:
             self._broadcast(list(peers.values()), {"type": "peer-left", "peerId": conn.peer_id})
 
-    def _store(self) -> RoomStore:
+    def _store(self) -> RoomCache:
         if self.store is None:
             raise RuntimeError("room store not open (lifespan not started)")
         return self.store
