@@ -18,9 +18,9 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from p2pserver.config import Settings
@@ -189,8 +189,26 @@ async def index(request: Request) -> Response:
     return FileResponse(WEB_DIR / "index.html", headers=headers)
 
 
-async def signaling(websocket: WebSocket) -> None:
-    await websocket.app.state.hub.serve(websocket)
+_SIGNALING_PATH = re.compile(r"/ws/([^/]+)")
+
+
+class App(Starlette):
+    """Starlette, except that signaling WebSockets go straight to the hub.
+
+    Middleware and routing have nothing to do for them (CORS is HTTP only; the hub answers its
+    own faults), and each open socket would otherwise keep their frames alive for as long as
+    it stays connected: bench/README.md has the memory and join-rate figures.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            match = _SIGNALING_PATH.fullmatch(scope["path"])
+            if match is not None:
+                scope["app"] = self
+                scope["path_params"] = {"room_id": match[1]}
+                await self.state.hub.serve(WebSocket(scope, receive, send))
+                return
+        await super().__call__(scope, receive, send)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -255,12 +273,12 @@ def create_app(settings: Settings) -> Starlette:
             hub.store = None
             await store.close()
 
-    app = Starlette(
+    app = App(
         routes=[
             Route("/create-chat", create_chat, methods=["POST"]),
             Route("/check-chat/{room_id}", check_chat, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
-            WebSocketRoute("/ws/{room_id}", signaling),
+            # /ws/{room_id}: signaling, dispatched by App itself.
             # The web client: its page at / and its scripts and styles under /static/. (A mount at
             # / would answer every unknown path itself, and GET /create-chat with 404, not 405.)
             Route("/", index, methods=["GET", "HEAD"]),
