@@ -266,6 +266,7 @@ class Hub:
                 join = self._on_frame(conn, room_id, message.get("text"), message.get("bytes"))
                 if join is not None:
                     await join
+                    join = None  # a finished coroutine still holds its frame's memory
             except Exception:  # a fault of ours (say, the database): close this peer cleanly
                 self._fault(conn)
 
