@@ -254,3 +254,14 @@ async def test_a_fault_in_a_joined_peers_frame_costs_only_that_peer(
     assert any("signaling fault" in r.getMessage() for r in caplog.records)
     await b.alive()
     await c.alive()
+
+
+def test_ws_compression_flag_and_variable() -> None:
+    from p2pserver.cli import parse_settings
+
+    assert parse_settings([], environ={}).ws_compression is False
+    assert parse_settings(["--ws-compression", "on"], environ={}).ws_compression is True
+    assert parse_settings([], environ={"P2P_WS_COMPRESSION": "on"}).ws_compression is True
+    assert parse_settings(["--ws-compression", "off"], environ={"P2P_WS_COMPRESSION": "on"}) == (
+        parse_settings([], environ={})
+    )
