@@ -194,9 +194,16 @@ async function connect() {
   const inFlight = num("in_flight", 64);
   const cpuBefore = process.cpuUsage();
   const t0 = performance.now();
+  let createMs = 0;
+  let openMs = 0;
   const [peers, failures] = await pool(count, inFlight, async () => {
+    const t0 = performance.now();
     const room = kind === "p2p" ? await createRoom() : null;
-    return openPeer(room);
+    const t1 = performance.now();
+    const peer = await openPeer(room);
+    createMs += t1 - t0;
+    openMs += performance.now() - t1;
+    return peer;
   });
   const elapsed = (performance.now() - t0) / 1000;
   const cpu = process.cpuUsage(cpuBefore);
@@ -208,6 +215,8 @@ async function connect() {
     failed,
     failures,
     ready_per_s: peers.length / elapsed,
+    create_ms: createMs / Math.max(1, peers.length), // mean time per step, per peer
+    open_ms: openMs / Math.max(1, peers.length),
     generator_cpu: (cpu.user + cpu.system) / 1e6 / elapsed,
   };
 }

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import re
 import secrets
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -70,11 +72,13 @@ class RoomStore:
     another query at that moment (SQLITE_MISUSE, "bad parameter or other API misuse").
     """
 
-    def __init__(self, db: aiosqlite.Connection, ttl: float) -> None:
+    def __init__(self, db: aiosqlite.Connection, ttl: float, path: str | None = None) -> None:
         self._db = db
         self.ttl = ttl
         self._inserts: list[tuple[Room, asyncio.Future[None]]] = []
         self._inserter: asyncio.Task[None] | None = None
+        # A file has a second connection for inserts; ":memory:" would be another database.
+        self._writer = _Writer(path) if path and path != ":memory:" else None
 
     @classmethod
     async def open(cls, path: str, ttl: float) -> RoomStore:
@@ -88,7 +92,7 @@ class RoomStore:
         except BaseException:
             await db.close()
             raise
-        return cls(db, ttl)
+        return cls(db, ttl, path)
 
     async def close(self) -> None:
         if self._inserter is not None:
@@ -98,6 +102,8 @@ class RoomStore:
         for _, waiter in self._inserts:
             _settle(waiter, RuntimeError("room store closed"))
         self._inserts = []
+        if self._writer is not None:
+            await self._writer.close()
         await self._db.close()
 
     async def ping(self) -> bool:
@@ -165,6 +171,8 @@ class RoomStore:
                     _settle(waiter, RuntimeError("room store closed"))
 
     async def _insert_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        if self._writer is not None:
+            return await self._writer.insert(rows)
         await self._write("BEGIN IMMEDIATE", ())
         try:
             async with self._db.executemany(
@@ -233,6 +241,51 @@ class RoomStore:
         """Run one statement; return how many rows it changed."""
         async with self._db.execute(sql, params) as cur:
             return cur.rowcount
+
+
+class _Writer:
+    """A connection of its own, on a thread of its own, for inserting rooms.
+
+    A batch is one trip to that thread (BEGIN, the inserts, COMMIT) where aiosqlite would take
+    three, each waiting its turn on a busy event loop: creating a room waits for less. WAL lets
+    it write while the main connection reads; busy_timeout covers the two writing at once.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "p2pserver-rooms")
+        self._conn: sqlite3.Connection | None = None
+
+    async def insert(self, rows: list[tuple[Any, ...]]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._insert, rows)
+
+    async def close(self) -> None:
+        with contextlib.suppress(RuntimeError):  # closed already
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
+        self._executor.shutdown(wait=False)
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        if self._conn is None:
+            self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA busy_timeout = 5000")
+            self._conn.execute("PRAGMA synchronous = FULL")  # as RoomStore.open says
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active)"
+                " VALUES (?, ?, ?, ?, ?)",
+                rows,
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _settle(waiter: asyncio.Future[None], error: BaseException | None) -> None:
