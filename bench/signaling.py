@@ -84,7 +84,7 @@ def install_node_packages(folder: Path) -> None:
 class Server:
     """One server process pinned to SERVER_CORE; stopped by its own PID."""
 
-    def __init__(self, kind: str, work: Path, extra: list[str]) -> None:
+    def __init__(self, kind: str, work: Path, extra: list[str], command: list[str]) -> None:
         self.kind = kind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -92,7 +92,7 @@ class Server:
         if kind == "p2p":
             db = work / f"rooms-{self.port}.db"
             command = [
-                str(P2PSERVER),
+                *command,
                 "--no-turn",
                 "--http-host=127.0.0.1",
                 f"--http-port={self.port}",
@@ -144,8 +144,8 @@ class Server:
 
 
 @contextlib.contextmanager
-def running(kind: str, work: Path, extra: list[str]) -> Iterator[Server]:
-    server = Server(kind, work, extra)
+def running(kind: str, work: Path, extra: list[str], command: list[str]) -> Iterator[Server]:
+    server = Server(kind, work, extra, command)
     try:
         yield server
     finally:
@@ -282,6 +282,12 @@ def main() -> int:
     parser.add_argument(
         "--p2p-arg", action="append", default=[], help="extra p2pserver flag (repeatable)"
     )
+    parser.add_argument(
+        "--p2p-command",
+        type=str.split,
+        default=[str(P2PSERVER)],
+        help="how to start p2pserver (default: this environment's p2pserver)",
+    )
     parser.add_argument("--json", type=Path, help="also write every run's results here")
     args = parser.parse_args()
     if os.cpu_count() is None or os.cpu_count() < 2:  # type: ignore[operator]
@@ -299,7 +305,7 @@ def main() -> int:
             for name, figure in chosen.items():
                 order = ("p2p", "peerjs") if run % 2 == 0 else ("peerjs", "p2p")
                 for kind in order:
-                    with running(kind, work, args.p2p_arg) as server:
+                    with running(kind, work, args.p2p_arg, args.p2p_command) as server:
                         result = figure(work, server)
                         if kind == "p2p":
                             tracebacks += server.tracebacks()

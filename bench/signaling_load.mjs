@@ -23,6 +23,11 @@ setTimeout(() => {
   process.exit(2);
 }, HARD_LIMIT).unref();
 
+// Peers closed by the server after they were ready, by close code (a join that "succeeded" and
+// was then closed, say with 1011, failed all the same). closeAll() makes its closes expected.
+const closedAfterReady = {};
+let closingAll = false;
+
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // node:http with keep-alive: fetch() costs the generator several times the CPU per request,
@@ -90,6 +95,9 @@ function openPeer(room) {
       ws.removeAllListeners("close");
       ws.removeAllListeners("error");
       ws.on("error", () => {});
+      ws.on("close", (code) => {
+        if (!closingAll) closedAfterReady[code] = (closedAfterReady[code] || 0) + 1;
+      });
       resolve({ ws, id: kind === "p2p" ? message.peerId : id, partner: null });
     });
   });
@@ -124,6 +132,7 @@ async function openPair() {
 }
 
 function closeAll(peers) {
+  closingAll = true;
   for (const peer of peers) peer.ws.terminate();
 }
 
@@ -207,7 +216,9 @@ async function connect() {
   });
   const elapsed = (performance.now() - t0) / 1000;
   const cpu = process.cpuUsage(cpuBefore);
+  await sleep(500); // a close that follows a welcome closely still counts
   closeAll(peers);
+  for (const [code, n] of Object.entries(closedAfterReady)) failures[`closed ${code} after ready`] = n;
   const failed = Object.values(failures).reduce((sum, n) => sum + n, 0);
   return {
     peers: count,

@@ -54,7 +54,9 @@ class Connection:
         "_writer",
         "address",
         "bucket",
+        "counted",
         "dead",
+        "detached",
         "errors",
         "lane",
         "peer_id",
@@ -70,12 +72,14 @@ class Connection:
         now: float,
         lane: Lane | None = None,
     ) -> None:
-        self.ws = ws
+        self.ws: WebSocket | None = ws
         self.lane = lane
         self.address = address
         self.peer_id: str | None = None
         self.room_id: str | None = None
         self.dead = False  # a close is queued: its input is ignored, nothing more is queued
+        self.counted = False  # in Hub.connections and its address's count
+        self.detached = False  # joined, and the lane took over from ASGI (ws is None then)
         rate = settings.ws_messages_per_second
         self.bucket = TokenBucket(rate, max(MIN_BURST, rate), now)
         self.errors = SlidingWindow(settings.ws_max_errors, ERROR_WINDOW)  # >= 1: check_settings
@@ -116,6 +120,11 @@ class Connection:
         if self.dead:
             return
         self.dead = True
+        if self.detached and self.lane is not None:  # no ASGI any more: straight to the socket
+            if error is not None:
+                self.lane.send(m.encode(m.error(error)))
+            self.lane.close(code, reason)
+            return
         queue = self._outbox()
         if not flush:
             while not queue.empty():
@@ -133,6 +142,10 @@ class Connection:
         if self._writer is None:
             self._writer = asyncio.create_task(self.run_writer())
 
+    def cancel_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+
     async def stop_writer(self) -> None:
         if self._writer is not None:
             self._writer.cancel()
@@ -140,6 +153,7 @@ class Connection:
                 await self._writer
 
     async def run_writer(self) -> None:
+        assert self.ws is not None  # only a detached peer has none, and it has no writer
         try:
             while True:
                 item = await self._outbox().get()
@@ -220,7 +234,7 @@ class Hub:
         conn = Connection(ws, address, self.settings, loop.time(), lane)
         if lane is None:
             conn.start_writer()
-        counted = False
+        detached = False
         try:
             if self.closing:
                 conn.close(m.CLOSE_GOING_AWAY, "server shutting down")
@@ -229,37 +243,59 @@ class Hub:
             else:
                 self._per_address[address] += 1
                 self.connections.add(conn)
-                counted = True
-            await self._read(conn, ws.path_params["room_id"])
+                conn.counted = True
+            detached = await self._read(conn, ws, ws.path_params["room_id"])
         finally:
-            if lane is not None:
-                lane.set_handler(None)
-            self._leave(conn)
-            await conn.stop_writer()
-            if counted:
-                self.connections.discard(conn)
-                self._per_address[address] -= 1
-                if self._per_address[address] <= 0:
-                    del self._per_address[address]
-                if self.closing and not self.connections:
-                    self._all_gone.set()
+            if not detached:
+                self._release(conn)
+                await conn.stop_writer()
 
-    async def _read(self, conn: Connection, room_id: str) -> None:
-        """Read frames until the client disconnects (which also follows any close we send)."""
+    def _release(self, conn: Connection) -> None:
+        """The connection is gone: out of its room, out of the counts (once)."""
+        if conn.lane is not None:
+            conn.lane.set_handler(None)
+        self._leave(conn)
+        if conn.counted:
+            conn.counted = False
+            self.connections.discard(conn)
+            self._per_address[conn.address] -= 1
+            if self._per_address[conn.address] <= 0:
+                del self._per_address[conn.address]
+            if self.closing and not self.connections:
+                self._all_gone.set()
+
+    def _lost(self, conn: Connection) -> None:
+        """A detached connection is gone (the protocol says so)."""
+        self._release(conn)
+        conn.cancel_writer()
+
+    async def _read(self, conn: Connection, ws: WebSocket, room_id: str) -> bool:
+        """Read frames until the client disconnects (which also follows any close we send);
+        True instead if the peer has joined and its lane took over (see wsserver.Lane)."""
         loop = asyncio.get_running_loop()
         join_deadline = loop.time() + self.settings.ws_join_timeout
         while True:
+            lane = conn.lane
+            if (
+                lane is not None
+                and conn.peer_id is not None
+                and not conn.dead
+                and lane.detach(functools.partial(self._lost, conn))
+            ):
+                conn.detached, conn.ws = True, None
+                # A joined peer needs no task: an idle one costs a few KB less (bench/README.md).
+                return True
             try:
                 if conn.peer_id is not None or conn.dead:
-                    message = await conn.ws.receive()
+                    message = await ws.receive()
                 else:
                     async with asyncio.timeout_at(join_deadline):
-                        message = await conn.ws.receive()
+                        message = await ws.receive()
             except TimeoutError:
                 self._fatal(conn, m.JOIN_TIMEOUT)
                 continue
             if message["type"] == "websocket.disconnect":
-                return
+                return False
             if conn.dead:
                 continue
             try:
@@ -270,12 +306,12 @@ class Hub:
             except Exception:  # a fault of ours (say, the database): close this peer cleanly
                 self._fault(conn)
 
-    def _on_lane_text(self, conn: Connection, text: str) -> None:
-        """A text frame of a joined peer, straight from the protocol (no task in between)."""
+    def _on_lane_frame(self, conn: Connection, text: str | None, data: bytes | None) -> None:
+        """A frame of a joined peer, straight from the protocol (no task in between)."""
         if conn.dead or conn.room_id is None:
             return
         try:
-            join = self._on_frame(conn, conn.room_id, text, None)
+            join = self._on_frame(conn, conn.room_id, text, data)
             assert join is None  # a joined peer's join is answered at once
         except Exception:
             self._fault(conn)
@@ -373,18 +409,20 @@ class Hub:
             "peerId": peer_id,
             "peers": [other.peer_id for other in others],
             "iceServers": ice_servers(
-                self.settings, self._ice_host(conn.ws), self.secret, peer_id, time.time()
+                self.settings, self._ice_host(conn), self.secret, peer_id, time.time()
             ),
         }
         self._deliver(conn, welcome)
         self._broadcast(others, {"type": "peer-joined", "peerId": peer_id})
         if conn.lane is not None and not conn.dead:
-            conn.lane.set_handler(functools.partial(self._on_lane_text, conn))
+            conn.lane.set_handler(functools.partial(self._on_lane_frame, conn))
         await self._store().touch([room.id], time.time())
 
-    def _ice_host(self, ws: WebSocket) -> str:
+    def _ice_host(self, conn: Connection) -> str:
         if self._public_host is not None:
             return self._public_host
+        ws = conn.ws
+        assert ws is not None  # joining: not detached yet
         host = host_from_header(ws.headers.get("host", ""))
         if host is None:  # no usable Host header: the address the client reached us on
             server = ws.scope.get("server")

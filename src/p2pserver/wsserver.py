@@ -16,29 +16,48 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+from uvicorn.protocols.utils import ClientDisconnected
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import Protocol, State
 
 LANE = "p2pserver.lane"  # the scope["extensions"] key
 
-TextHandler = Callable[[str], None]
+FrameHandler = Callable[[str | None, bytes | None], None]  # (text, None) or (None, data)
 
 
 class Lane:
-    """What the app may do on a connection without ASGI: take text frames, send text frames."""
+    """What the app may do on a connection without ASGI: take frames, send text frames, and
+    (detach) let the ASGI call return while the connection stays open."""
 
     __slots__ = ("_protocol",)
 
     def __init__(self, protocol: SignalingWebSocketProtocol) -> None:
         self._protocol = protocol
 
-    def set_handler(self, handler: TextHandler | None) -> None:
-        """Give text frames to `handler` as they arrive (None: back to the ASGI queue)."""
-        self._protocol.text_handler = handler
+    def set_handler(self, handler: FrameHandler | None) -> None:
+        """Give frames to `handler` as they arrive (None: back to the ASGI queue)."""
+        self._protocol.frame_handler = handler
+
+    def detach(self, on_lost: Callable[[], None]) -> bool:
+        """Let the app's ASGI call return without closing the connection.
+
+        Only with a handler set and nothing queued for ASGI (else False: read on). From then
+        on the handler gets every frame, `on_lost` is called once when the connection is gone,
+        and a close still goes through the ASGI `send`, which stays usable.
+        """
+        protocol = self._protocol
+        if protocol.frame_handler is None or not protocol.queue.empty() or protocol.disconnected:
+            return False
+        protocol.on_lost = on_lost
+        return True
 
     def send(self, text: str) -> bool:
         """Write one text frame now; False if the connection is closing or gone."""
         return self._protocol.send_now(text)
+
+    def close(self, code: int, reason: str) -> None:
+        """Start the closing handshake now (RFC 6455 §7.1.2), as an ASGI close would."""
+        self._protocol.close_now(code, reason)
 
     def buffered(self) -> int:
         """Bytes sent but not yet taken by the kernel (what a slow reader piles up)."""
@@ -121,7 +140,8 @@ class SignalingWebSocketProtocol(WebSocketsSansIOProtocol):
         self.queue = Inbox()  # type: ignore[assignment]
         self.writable = Flag()  # type: ignore[assignment]
         self.writable.set()
-        self.text_handler: TextHandler | None = None
+        self.frame_handler: FrameHandler | None = None
+        self.on_lost: Callable[[], None] | None = None  # set when the app has detached
         self.pending: list[bytes] = []
         self.pending_bytes = 0
 
@@ -165,23 +185,60 @@ class SignalingWebSocketProtocol(WebSocketsSansIOProtocol):
             next(conn.parser)
 
     def send_receive_event_to_app(self) -> None:
-        handler = self.text_handler
+        handler = self.frame_handler
         # Only when nothing is queued for the app: frames keep their order.
-        if (
-            handler is None
-            or self.curr_msg_data_type != "text"
-            or self.close_sent
-            or not self.queue.empty()
-        ):
+        if handler is None or self.close_sent or not self.queue.empty():
             return super().send_receive_event_to_app()
         data = self.frames[0] if len(self.frames) == 1 else b"".join(self.frames)
         self.frames = []
+        if self.curr_msg_data_type != "text":
+            return handler(None, data)
         try:
             text = data.decode()
-        except UnicodeDecodeError:  # RFC 6455 §8.1: invalid UTF-8 in a text frame fails it
+        except UnicodeDecodeError:  # RFC 6455 §8.1: uvicorn fails the connection with 1007
             self.frames = [data]
             return super().send_receive_event_to_app()
-        handler(text)
+        handler(text, None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        on_lost, self.on_lost = self.on_lost, None
+        self.frame_handler = None
+        if on_lost is not None:
+            on_lost()
+
+    async def run_asgi(self) -> None:
+        """uvicorn's, except that a detached connection stays open when the app returns."""
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            self.logger.exception("Exception in ASGI application\n")
+            self.send_500_response()
+        else:
+            if not self.handshake_complete:
+                self.logger.error("ASGI callable returned without completing handshake.")
+                self.send_500_response()
+            elif result is not None:
+                self.logger.error("ASGI callable should return None, but returned %r.", result)
+        if self.on_lost is None:
+            if self.close_timer is None:
+                self.transport.close()
+        else:  # detached: the app keeps nothing of the handshake, nor need we
+            self.scope = None  # type: ignore[assignment]
+
+    def close_now(self, code: int, reason: str) -> None:
+        self.flush()
+        if self.close_sent or self.disconnected or self.conn.state is not State.OPEN:
+            return
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        if self.read_paused:  # read on: the client's close frame must get through
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)
 
     def send_now(self, text: str) -> bool:
         conn = self.conn
