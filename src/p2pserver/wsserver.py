@@ -3,10 +3,11 @@
 Through ASGI every frame costs two task hops: uvicorn queues it for the app's `receive()`, and
 the app's reply waits for the recipient's writer task. A relayed signal needs neither: handling
 it never waits for anything. So the connection offers the app a `Lane` (in the ASGI scope's
-extensions, under LANE): once the app sets a text handler, text frames go straight from
-`data_received` to it, and `Lane.send` writes a frame to the socket at once. Everything else
-(the handshake, the join, the close) still goes through ASGI. docs/architecture.md has the
-measurements behind this choice.
+extensions, under LANE): once the app sets a frame handler, frames go straight from
+`data_received` to it, and `Lane.send` writes a frame to the socket at once. Once detached, the
+app's ASGI call returns and the connection lives on with no task at all: the lane closes it and
+the protocol reports its loss. The handshake and the join go through ASGI as usual.
+docs/architecture.md has the measurements behind this choice.
 """
 
 from __future__ import annotations
