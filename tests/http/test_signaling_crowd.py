@@ -265,3 +265,27 @@ def test_ws_compression_flag_and_variable() -> None:
     assert parse_settings(["--ws-compression", "off"], environ={"P2P_WS_COMPRESSION": "on"}) == (
         parse_settings([], environ={})
     )
+
+
+async def test_a_joined_peer_that_stops_reading_is_dropped_and_the_sender_carries_on(
+    start_server: StartServer,
+) -> None:
+    server = await start_server(ws_messages_per_second=100_000)
+    room_id, _ = await server.create_room()
+    a = await server.join(room_id)
+    # b's client stops reading after one message: the server's buffer for it grows instead.
+    b_ws = await connect(f"{server.ws_url}/ws/{room_id}", proxy=None, max_queue=1)
+    b = Peer(b_ws)
+    await b.send({"type": "join"})
+    b_id = (await b.expect("welcome"))["peerId"]
+    await a.expect("peer-joined")
+    big = "x" * 60_000
+    first = asyncio.create_task(a.recv())
+    for _ in range(400):  # 24 MB: more than loopback's socket buffers and the 1 MiB bound
+        await a.send({"type": "signal", "to": b_id, "data": big})
+        await asyncio.sleep(0)
+        if first.done():  # a hears something: that b has gone, it should be
+            break
+    assert await first == {"type": "peer-left", "peerId": b_id}
+    await a.alive()
+    b_ws.transport.abort()
