@@ -15,6 +15,7 @@ import random
 import socket
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from p2pserver.turn.allocation import Address, NoCapacity
 
@@ -77,6 +78,54 @@ class RelaySocket:
         self.sock.close()
 
 
+@dataclass(frozen=True)
+class Hairpin:
+    """Relay to relay through --external-ip without leaving the host (docs/turn.md, "Relay to
+    relay through --external-ip").
+
+    A peer address `external`:port with a port of the whole relay range (any worker's) is one of
+    this server's own relays: send to where that relay really is (`real`: the relay bind address,
+    loopback when that is a wildcard) instead, as a NAT that does not hairpin would never deliver
+    it. The receiving relay sees the datagram come from `real`:port and takes it as coming from
+    `external`:port, so permissions and channels match what its client installed."""
+
+    family: int  # 1 = IPv4, 2 = IPv6: the family of --external-ip
+    external: str
+    real: str
+    ports: tuple[int, int]  # the whole relay range, not a worker's slice
+
+
+class HairpinRelaySocket(RelaySocket):
+    """A relay socket of the family of --external-ip: translates as `Hairpin` says."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        on_fault: Callable[[], None],
+        hairpin: Hairpin,
+    ) -> None:
+        super().__init__(sock, loop, on_fault)
+        self.hairpin = hairpin
+
+    def start(self, on_datagram: Callable[[bytes, Address], None]) -> None:
+        external, real = self.hairpin.external, self.hairpin.real
+        low, high = self.hairpin.ports
+
+        def translated(data: bytes, addr: Address) -> None:
+            if addr[0] == real and low <= addr[1] <= high:
+                addr = (external, addr[1])
+            on_datagram(data, addr)
+
+        super().start(translated)
+
+    def sendto(self, data: bytes, peer: Address) -> None:
+        hairpin = self.hairpin
+        if peer[0] == hairpin.external and hairpin.ports[0] <= peer[1] <= hairpin.ports[1]:
+            peer = (hairpin.real, peer[1])
+        super().sendto(data, peer)
+
+
 class RelayPorts:
     """Opens relay sockets on a random free port of the range, and keeps EVEN-PORT reservations."""
 
@@ -86,6 +135,7 @@ class RelayPorts:
         ports: tuple[int, int],
         loop: asyncio.AbstractEventLoop,
         on_fault: Callable[[], None] = lambda: None,
+        hairpin: Hairpin | None = None,
     ) -> None:
         self.bind_ips = dict(bind_ips)  # by family: 1 = IPv4, 2 = IPv6 (--relay-ip)
         self.ports = ports
@@ -93,6 +143,14 @@ class RelayPorts:
         self.on_fault = on_fault  # called from an `except` block when relaying fails
         self.families = frozenset(self.bind_ips)
         self.reservations: dict[bytes, tuple[socket.socket, float]] = {}
+        self.hairpin = hairpin
+
+    def _relay(self, sock: socket.socket) -> RelaySocket:
+        hairpin = self.hairpin
+        family = 2 if sock.family == socket.AF_INET6 else 1
+        if hairpin is not None and hairpin.family == family:
+            return HairpinRelaySocket(sock, self.loop, self.on_fault, hairpin)
+        return RelaySocket(sock, self.loop, self.on_fault)
 
     def _bind(self, family: int, port: int) -> socket.socket | None:
         af = socket.AF_INET6 if family == 2 else socket.AF_INET
@@ -140,14 +198,14 @@ class RelayPorts:
                 self.reservations[token] = (partner, time.time() + RESERVATION_LIFETIME)
             if dont_fragment:
                 _set_dont_fragment(sock)
-            return RelaySocket(sock, self.loop, self.on_fault), token
+            return self._relay(sock), token
         raise NoCapacity("no free relay port")
 
     def take_reserved(self, token: bytes) -> RelaySocket | None:
         entry = self.reservations.pop(token, None)
         if entry is None:
             return None
-        return RelaySocket(entry[0], self.loop, self.on_fault)
+        return self._relay(entry[0])
 
     def expire(self, now: float) -> None:
         """Close reservations not taken in time (`now` is time.time(), as in TurnCore)."""
