@@ -21,6 +21,7 @@ from typing import cast
 from p2pserver.config import Settings, StartupError
 from p2pserver.selftest import SelfTest
 from p2pserver.turn.allocation import Address, FiveTuple, UserCounts, family_of
+from p2pserver.turn.auth import Nonces
 from p2pserver.turn.datapath import is_channel
 from p2pserver.turn.framing import FramingError, StreamFramer
 from p2pserver.turn.handlers import Client, TurnCore
@@ -223,7 +224,8 @@ class TurnServer:
     """STUN/TURN on UDP and TCP (and TLS with a certificate), relays on UDP.
 
     As a TURN worker (workers.py) it serves on `listeners` it is given, opens relays on its
-    `relay_ports` slice of the range only, and counts users' allocations in `user_counts`."""
+    `relay_ports` slice of the range only, counts users' allocations in `user_counts` and
+    signs nonces with the workers' common `nonce_key`."""
 
     def __init__(
         self,
@@ -233,12 +235,14 @@ class TurnServer:
         listeners: Listeners | None = None,
         relay_ports: tuple[int, int] | None = None,
         user_counts: UserCounts | None = None,
+        nonce_key: bytes | None = None,
     ) -> None:
         self.settings = settings
         self.secret = secret if secret is not None else settings.secret
         self.listeners = listeners
         self.relay_ports = relay_ports or settings.relay_ports
         self.user_counts = user_counts
+        self.nonce_key = nonce_key  # shared by workers: a restarted one takes their nonces
         self.ratelog = RateLimitedLog(log)
         self.connections: set[StreamConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -290,6 +294,7 @@ class TurnServer:
             self.relays,
             policy,
             self.secret,
+            nonces=Nonces(self.nonce_key) if self.nonce_key else None,
             fallback_ips=fallback_ips,
             user_counts=self.user_counts,
         )

@@ -46,6 +46,7 @@ class WorkerConfig:
     tls_fd: int | None
     quota_fd: int
     quota_key: bytes
+    nonce_key: bytes  # the same for every worker and restart: a nonce stays good
 
 
 def die_with_parent(parent: int) -> None:
@@ -77,6 +78,7 @@ async def serve(config: WorkerConfig, control: socket.socket) -> int:
         listeners=listeners,
         relay_ports=config.relay_ports,
         user_counts=counts,
+        nonce_key=config.nonce_key,
     )
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     try:

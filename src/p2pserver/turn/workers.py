@@ -180,6 +180,7 @@ class TurnWorkers:
         self._quota_fd: int | None = None
         self._quota: quota.SharedUserCounts | None = None
         self._quota_key = os.urandom(16)
+        self._nonce_key = os.urandom(32)
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -255,6 +256,7 @@ class TurnWorkers:
             tls_fd=given.tls.fileno() if given.tls is not None else None,
             quota_fd=self._quota_fd,
             quota_key=self._quota_key,
+            nonce_key=self._nonce_key,
         )
         fds = (config.udp_fd, config.tcp_fd, self._quota_fd)
         if config.tls_fd is not None:
