@@ -347,3 +347,47 @@ def test_relay_to_relay_through_an_external_ip_that_does_not_hairpin(
     stats = report["stats"]
     assert stats["peer_sentp"] >= 2 and stats["peer_rcvp"] >= 2, stats
     assert stats["peer_send_drops"] == 0, stats  # nothing was sent towards 198.51.100.7
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_aioice_clients_relay_on_both_workers(
+    servers: list[ServerProcess], transport: str
+) -> None:
+    """aioice's TURN client, as aiortc uses it, on each of two workers: both ways, every size."""
+    from aioice.turn import create_turn_endpoint
+
+    server = await start(servers)
+    loop = asyncio.get_running_loop()
+    peer_transport, peer = await loop.create_datagram_endpoint(Peer, local_addr=(LOCALHOST, 0))
+    peer_addr = peer_transport.get_extra_info("sockname")[:2]
+    turns: dict[int, tuple[Any, Peer, tuple[str, int]]] = {}
+    opened = []
+    try:
+        for _ in range(60):
+            turn, got = await asyncio.wait_for(
+                create_turn_endpoint(
+                    Peer,
+                    server_addr=(LOCALHOST, server.port),
+                    username="alice",
+                    password="wonderland",
+                    transport=transport,
+                ),
+                TIMEOUT,
+            )
+            opened.append(turn)
+            relayed = turn.get_extra_info("sockname")
+            turns.setdefault(worker_of(relayed[1]), (turn, got, relayed))
+            if len(turns) == 2:
+                break
+        assert len(turns) == 2
+        for turn, got, relayed in turns.values():
+            for size in (1, 3, 100, 1199, 1200):
+                out = bytes(range(256)) * 5
+                turn.sendto(out[:size], peer_addr)
+                assert await asyncio.wait_for(peer.queue.get(), TIMEOUT) == (out[:size], relayed)
+                peer_transport.sendto(out[-size:], relayed)
+                assert await asyncio.wait_for(got.queue.get(), TIMEOUT) == (out[-size:], peer_addr)
+    finally:
+        for turn in opened:
+            turn.close()
+        peer_transport.close()

@@ -119,11 +119,14 @@ async def _answer(control: socket.socket, server: Any, stop: asyncio.Event) -> N
     stop.set()
 
 
-def _name_worker(index: int) -> None:
-    """Every line this worker logs says which worker: `p2pserver.turn.handlers[w1]`."""
+def _name_worker(index: int, fmt: str) -> None:
+    """Every line this worker logs says which worker: a `worker` field in JSON, and in text
+    after the logger's name (`p2pserver.turn.handlers[w1]`)."""
 
     def mark(record: logging.LogRecord) -> bool:
-        if not record.name.endswith("]"):
+        if fmt == "json":
+            record.worker = index
+        elif not record.name.endswith("]"):
             record.name = f"{record.name}[w{index}]"
         return True
 
@@ -144,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Unpickled as p2pserver.turn.worker.WorkerConfig (this file runs as __main__).
     config = pickle.loads(control.recv(MESSAGE_MAX))
     configure_logging(config.settings.log_level, config.settings.log_format)
-    _name_worker(config.index)
+    _name_worker(config.index, config.settings.log_format)
     try:
         import uvloop
     except ImportError:
