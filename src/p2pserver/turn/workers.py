@@ -16,6 +16,7 @@ workers; --user-quota is kept in a shared table (quota.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -80,7 +81,7 @@ class Worker:
         self.process: asyncio.subprocess.Process | None = None
         self.control: socket.socket | None = None
         self.ready: asyncio.Future[Any] | None = None
-        self.reply: asyncio.Future[dict[str, int]] | None = None
+        self.replies: collections.deque[asyncio.Future[dict[str, int]]] = collections.deque()
         self.report: dict[str, int] = {}
         self.answered = False  # answered the last stats request
         self.restarts = 0
@@ -125,8 +126,10 @@ class Worker:
                 kind, value = pickle.loads(data)
                 if kind == "ready" and not ready.done():
                     ready.set_result(value)
-                elif kind == "stats" and self.reply is not None and not self.reply.done():
-                    self.reply.set_result(value)
+                elif kind == "stats" and self.replies:  # answers come in the order asked
+                    reply = self.replies.popleft()
+                    if not reply.done():
+                        reply.set_result(value)
         if not ready.done():
             ready.set_result(None)  # it ended before it was serving
 
@@ -142,15 +145,14 @@ class Worker:
             self.answered = False
             return
         loop = asyncio.get_running_loop()
-        self.reply = reply = loop.create_future()
+        reply: asyncio.Future[dict[str, int]] = loop.create_future()
+        self.replies.append(reply)
         try:
             await loop.sock_sendall(control, pickle.dumps("stats"))
-            self.report = await asyncio.wait_for(reply, STATS_TIMEOUT)
+            self.report = await asyncio.wait_for(asyncio.shield(reply), STATS_TIMEOUT)
             self.answered = True
         except (OSError, TimeoutError):
             self.answered = False
-        finally:
-            self.reply = None
 
     async def ended(self) -> None:
         """The process is gone: close our end of its control socket."""
@@ -162,6 +164,7 @@ class Worker:
         if self.control is not None:
             self.control.close()
             self.control = None
+        self.replies.clear()
 
 
 class TurnWorkers:
