@@ -391,3 +391,27 @@ async def test_aioice_clients_relay_on_both_workers(
         for turn in opened:
             turn.close()
         peer_transport.close()
+
+
+async def test_a_reservation_token_is_taken_on_another_worker(
+    servers: list[ServerProcess],
+) -> None:
+    """EVEN-PORT with the R bit on one worker; the RESERVATION-TOKEN comes back on a 5-tuple the
+    kernel steers to the other worker, which binds the reserved port (RFC 8656 §7.2)."""
+    server = await start(servers)
+    by_worker = await sockets_by_worker(server.port, {0: 1, 1: 2})
+    first = await by_worker[0][0].allocate(even_port=True)
+    assert first.error_code is None, first
+    even = first.attributes["XOR-RELAYED-ADDRESS"][1]
+    assert even % 2 == 0 and worker_of(even) == 0
+    token = first.attributes["RESERVATION-TOKEN"]
+    taken = await by_worker[1][0].allocate(reservation_token=token)
+    assert taken.error_code is None, taken
+    assert taken.attributes["XOR-RELAYED-ADDRESS"][1] == even + 1
+    again = await by_worker[1][1].allocate(reservation_token=token)
+    assert again.error_code == 508, again  # a token is good once
+    forged = await by_worker[1][1].allocate(reservation_token=token[:4] + bytes(4))
+    assert forged.error_code == 508, forged
+    for clients in by_worker.values():
+        for client in clients:
+            client.close()

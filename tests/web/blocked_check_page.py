@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 
-from browserkit import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+from browserkit import ARTIFACTS, CHROMIUM_ARGS
 from playwright.sync_api import Page, expect, sync_playwright
 
 URL = "http://127.0.0.1:3000"
@@ -65,7 +66,9 @@ def main(workdir: str) -> int:
     try:
         _wait_healthy(server)
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            browser = playwright.chromium.launch(
+                executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=CHROMIUM_ARGS
+            )
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(TIMEOUT)
             try:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
+import hmac
 import logging
 import os
 import random
 import socket
+import struct
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -231,3 +234,81 @@ def _set_dont_fragment(sock: socket.socket) -> None:
         sock.setsockopt(level, option, value)
     except OSError:
         log.debug("could not set DF on a relay socket")
+
+
+class SharedRelayPorts(RelayPorts):
+    """RelayPorts for one of several TURN workers: EVEN-PORT reservations any worker can take.
+
+    A client's Allocate with a RESERVATION-TOKEN comes from a new 5-tuple, which the kernel may
+    steer to another worker than the one that reserved the port (docs/turn.md, "Workers"). So
+    the token carries the port itself, signed with a key all workers share: port (2 bytes),
+    family bit and issue time in seconds mod 2^15 (2 bytes), HMAC (4 bytes). The reserving
+    worker does not hold the port bound (another process could not take it over); it only stops
+    picking it from its own slice until the reservation ends, and no other worker picks from
+    that slice. Whichever worker gets the token binds the port; a second use finds it taken (508).
+    """
+
+    def __init__(
+        self,
+        bind_ips: Mapping[int, str],
+        ports: tuple[int, int],
+        loop: asyncio.AbstractEventLoop,
+        on_fault: Callable[[], None] = lambda: None,
+        hairpin: Hairpin | None = None,
+        *,
+        token_key: bytes,
+        whole_range: tuple[int, int],
+    ) -> None:
+        super().__init__(bind_ips, ports, loop, on_fault, hairpin)
+        self.token_key = token_key
+        self.whole_range = whole_range  # a token may name a port of any worker's slice
+        self.held: dict[int, float] = {}  # reserved ports of this slice -> end of reservation
+
+    def _mac(self, head: bytes) -> bytes:
+        return hmac.new(self.token_key, head, hashlib.sha256).digest()[:4]
+
+    def _token(self, family: int, port: int, now: float) -> bytes:
+        stamp = (int(now) & 0x7FFF) | (0x8000 if family == 2 else 0)
+        head = struct.pack("!HH", port, stamp)
+        return head + self._mac(head)
+
+    def open(
+        self, family: int, *, even_port: bool, reserve_next: bool, dont_fragment: bool
+    ) -> tuple[RelaySocket, bytes | None]:
+        now = time.time()
+        for port in self._candidates(even_port or reserve_next):
+            if self.held.get(port, 0.0) > now or (reserve_next and port + 1 in self.held):
+                continue
+            sock = self._bind(family, port)
+            if sock is None:
+                continue
+            token = None
+            if reserve_next:
+                probe = self._bind(family, port + 1)  # free now; then kept free by `held`
+                if probe is None:
+                    sock.close()
+                    continue
+                probe.close()
+                self.held[port + 1] = now + RESERVATION_LIFETIME
+                token = self._token(family, port + 1, now)
+            if dont_fragment:
+                _set_dont_fragment(sock)
+            return self._relay(sock), token
+        raise NoCapacity("no free relay port")
+
+    def take_reserved(self, token: bytes) -> RelaySocket | None:
+        if len(token) != 8 or not hmac.compare_digest(token[4:], self._mac(token[:4])):
+            return None
+        port, stamp = struct.unpack("!HH", token[:4])
+        family = 2 if stamp & 0x8000 else 1
+        age = (int(time.time()) - stamp) & 0x7FFF
+        low, high = self.whole_range
+        if age > RESERVATION_LIFETIME or not low <= port <= high or family not in self.bind_ips:
+            return None
+        self.held.pop(port, None)
+        sock = self._bind(family, port)
+        return self._relay(sock) if sock is not None else None
+
+    def expire(self, now: float) -> None:
+        for port in [p for p, end in self.held.items() if end <= now]:
+            del self.held[port]

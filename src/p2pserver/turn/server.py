@@ -26,7 +26,7 @@ from p2pserver.turn.datapath import is_channel
 from p2pserver.turn.framing import FramingError, StreamFramer
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
-from p2pserver.turn.relay import Hairpin, RelayPorts
+from p2pserver.turn.relay import Hairpin, RelayPorts, SharedRelayPorts
 
 log = logging.getLogger(__name__)
 
@@ -224,8 +224,8 @@ class TurnServer:
     """STUN/TURN on UDP and TCP (and TLS with a certificate), relays on UDP.
 
     As a TURN worker (workers.py) it serves on `listeners` it is given, opens relays on its
-    `relay_ports` slice of the range only, counts users' allocations in `user_counts` and
-    signs nonces with the workers' common `nonce_key`."""
+    `relay_ports` slice of the range only, counts users' allocations in `user_counts`, and
+    signs nonces and RESERVATION-TOKENs with the workers' common keys."""
 
     def __init__(
         self,
@@ -236,6 +236,7 @@ class TurnServer:
         relay_ports: tuple[int, int] | None = None,
         user_counts: UserCounts | None = None,
         nonce_key: bytes | None = None,
+        reservation_key: bytes | None = None,
     ) -> None:
         self.settings = settings
         self.secret = secret if secret is not None else settings.secret
@@ -243,6 +244,7 @@ class TurnServer:
         self.relay_ports = relay_ports or settings.relay_ports
         self.user_counts = user_counts
         self.nonce_key = nonce_key  # shared by workers: a restarted one takes their nonces
+        self.reservation_key = reservation_key  # shared too: any worker takes a reserved port
         self.ratelog = RateLimitedLog(log)
         self.connections: set[StreamConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -276,9 +278,20 @@ class TurnServer:
             log.warning("no --user and no --secret: every TURN request will be refused")
         loop = asyncio.get_running_loop()
         bind_ips = s.relay_bind_ips
-        self.relays = RelayPorts(
-            bind_ips, self.relay_ports, loop, on_fault=self._relay_fault, hairpin=hairpin(s)
-        )
+        if self.reservation_key is None:
+            self.relays = RelayPorts(
+                bind_ips, self.relay_ports, loop, on_fault=self._relay_fault, hairpin=hairpin(s)
+            )
+        else:
+            self.relays = SharedRelayPorts(
+                bind_ips,
+                self.relay_ports,
+                loop,
+                on_fault=self._relay_fault,
+                hairpin=hairpin(s),
+                token_key=self.reservation_key,
+                whole_range=s.relay_ports,
+            )
         own = [ip for ip in (*s.relay_ips, s.external_ip, s.turn_host) if ip]
         self.policy = policy = PeerPolicy(
             allow=s.allow_peers,

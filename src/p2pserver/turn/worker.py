@@ -47,6 +47,7 @@ class WorkerConfig:
     quota_fd: int
     quota_key: bytes
     nonce_key: bytes  # the same for every worker and restart: a nonce stays good
+    reservation_key: bytes  # the same for every worker: any of them takes a RESERVATION-TOKEN
 
 
 def die_with_parent(parent: int) -> None:
@@ -79,6 +80,7 @@ async def serve(config: WorkerConfig, control: socket.socket) -> int:
         relay_ports=config.relay_ports,
         user_counts=counts,
         nonce_key=config.nonce_key,
+        reservation_key=config.reservation_key,
     )
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     try:

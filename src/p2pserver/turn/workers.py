@@ -184,6 +184,7 @@ class TurnWorkers:
         self._quota: quota.SharedUserCounts | None = None
         self._quota_key = os.urandom(16)
         self._nonce_key = os.urandom(32)
+        self._reservation_key = os.urandom(32)
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -260,6 +261,7 @@ class TurnWorkers:
             quota_fd=self._quota_fd,
             quota_key=self._quota_key,
             nonce_key=self._nonce_key,
+            reservation_key=self._reservation_key,
         )
         fds = (config.udp_fd, config.tcp_fd, self._quota_fd)
         if config.tls_fd is not None:
