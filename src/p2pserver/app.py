@@ -28,7 +28,6 @@ from p2pserver.ice import url_host
 from p2pserver.ratelimit import SlidingWindow
 from p2pserver.rooms import RoomStore
 from p2pserver.signaling import Hub, client_address
-from p2pserver.turn.workers import TurnWorkers
 
 log = logging.getLogger("p2pserver.app")
 
@@ -160,6 +159,8 @@ async def healthz(request: Request) -> Response:
     else:
         workers = None
         try:
+            from p2pserver.turn.workers import TurnWorkers  # not imported with --no-turn
+
             if isinstance(turn, TurnWorkers):  # the sum over the worker processes
                 await turn.refresh()
                 workers = turn.workers_report()
