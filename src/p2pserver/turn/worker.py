@@ -20,10 +20,13 @@ import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from p2pserver.config import Settings, StartupError
 from p2pserver.logs import configure_logging
+
+if TYPE_CHECKING:
+    from p2pserver.turn.server import TurnServer
 
 log = logging.getLogger("p2pserver.turn.worker")
 
@@ -106,8 +109,8 @@ async def serve(config: WorkerConfig, control: socket.socket) -> int:
     return 0
 
 
-async def _answer(control: socket.socket, server: Any, stop: asyncio.Event) -> None:
-    """Answer the supervisor; its end closing (it is gone) stops this worker."""
+async def _answer(control: socket.socket, server: TurnServer, stop: asyncio.Event) -> None:
+    """Answer the supervisor; "stop", or its end closing (it is gone), stops this worker."""
     loop = asyncio.get_running_loop()
     try:
         while data := await loop.sock_recv(control, MESSAGE_MAX):
@@ -117,8 +120,13 @@ async def _answer(control: socket.socket, server: Any, stop: asyncio.Event) -> N
             elif request == "stop":
                 break
     except OSError:
-        pass
-    stop.set()
+        pass  # the supervisor is gone
+    except Exception:
+        # A bug on the control path: without it the supervisor can neither ask nor stop this
+        # worker, so end it (logged with its traceback); the supervisor restarts it.
+        log.exception("TURN worker: the control socket failed")
+    finally:
+        stop.set()
 
 
 def _name_worker(index: int, fmt: str) -> None:
