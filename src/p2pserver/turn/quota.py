@@ -28,7 +28,7 @@ def table_size(workers: int) -> int:
 
 def create(workers: int) -> int:
     """A new zeroed table for `workers` rows: its file descriptor (pass it to the workers)."""
-    fd = os.memfd_create("p2pserver-user-quota", 0)
+    fd = os.memfd_create("p2pserver-user-quota")  # close-on-exec: workers get it by pass_fds
     os.ftruncate(fd, table_size(workers))  # pages are only backed once written
     return fd
 
