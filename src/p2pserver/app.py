@@ -158,13 +158,23 @@ async def healthz(request: Request) -> Response:
     if not request.app.state.settings.turn:
         body["turn"] = {"enabled": False}
     else:
+        workers = None
         try:
-            stats = turn.stats() if turn is not None else None
+            from p2pserver.turn.workers import TurnWorkers  # not imported with --no-turn
+
+            if isinstance(turn, TurnWorkers):  # the sum over the worker processes
+                await turn.refresh()
+                workers = turn.workers_report()
+                stats = turn.stats() if turn.running else None
+            else:
+                stats = turn.stats() if turn is not None else None
         except Exception:  # a broken TURN server is reported, not raised
             log.exception("TURN stats failed")
             stats = None
         turn_ok = stats is not None
         body["turn"] = {"enabled": True, "running": turn_ok, "stats": stats or {}}
+        if workers is not None:  # each worker's liveness (docs/operations.md)
+            body["turn"]["workers"] = workers
         if turn is not None:  # reported, not part of the status: see docs/operations.md
             body["turn"]["selfTest"] = turn.self_test.report()
     body["status"] = "ok" if db_ok and turn_ok else "down"
@@ -267,9 +277,9 @@ def create_app(settings: Settings) -> Starlette:
             hub.store = store
             hub.secret = settings.secret or await store.turn_secret()
             if settings.turn and app.state.turn is None:  # the CLI starts it before uvicorn
-                from p2pserver.turn.server import TurnServer
+                from p2pserver.turn.workers import turn_server
 
-                turn = TurnServer(settings, secret=hub.secret)
+                turn = turn_server(settings, secret=hub.secret)
                 await turn.start()
                 app.state.turn = turn
             interval = min(60.0, max(1.0, settings.room_ttl / 10))

@@ -75,6 +75,14 @@ def _on_off(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
 
 
+def _cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers and taskset set)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="p2pserver",
@@ -195,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     turn.add_argument("--max-allocations", type=int, default=d.max_allocations)
     turn.add_argument("--max-permissions", type=int, default=d.max_permissions)
     turn.add_argument(
+        "--turn-workers",
+        type=int,
+        default=_cpus(),
+        help="STUN/TURN worker processes; 1 serves in the main process "
+        "(default: the CPUs this process may use)",
+    )
+    turn.add_argument(
         "--no-self-test",
         dest="self_test",
         action="store_false",
@@ -259,6 +274,12 @@ def parse_settings(
         parser.error("--tls-cert and --tls-key go together")
     if not values["http"] and not values["turn"]:
         parser.error("--no-http and --no-turn together leave nothing to serve")
+    low, high = values["relay_ports"]
+    if not 1 <= values["turn_workers"] <= high - low + 1:
+        # Each worker owns a slice of the relay range (docs/turn.md, "Workers").
+        parser.error(
+            f"--turn-workers must be from 1 to the size of --relay-ports ({high - low + 1})"
+        )
     settings = Settings(**values)
     if settings.http:
         from p2pserver.app import check_settings
@@ -271,13 +292,13 @@ def parse_settings(
 
 
 async def serve_turn_only(settings: Settings) -> None:
-    from p2pserver.turn.server import TurnServer
+    from p2pserver.turn.workers import turn_server
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before start: it logs that we are ready
         loop.add_signal_handler(sig, stop.set)
-    server = TurnServer(settings)
+    server = turn_server(settings)
     loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
     await server.start()
     _write_ready(settings, {name: port for name, _, port in server.addresses})
@@ -314,12 +335,12 @@ async def serve_all(settings: Settings) -> None:
     secret = await _stored_secret(settings)
     turn = None
     if settings.turn:
-        from p2pserver.turn.server import TurnServer
+        from p2pserver.turn.workers import turn_server
 
         # Started before uvicorn, not in the app's lifespan, so that a port in use or a bad
         # certificate is one line rather than a traceback relayed by uvicorn; the lifespan
         # takes it from app.state and stops it at shutdown.
-        turn = TurnServer(settings, secret=secret)
+        turn = turn_server(settings, secret=secret)
         await turn.start()
         # With port 0 the OS chose: iceServers must name the ports actually bound.
         bound = {name: port for name, _, port in turn.addresses}

@@ -56,6 +56,9 @@ class Settings:
     max_allocations: int = 10000
     max_permissions: int = 128
     software: str = "p2pserver"
+    # Worker processes for STUN/TURN (docs/turn.md, "Workers"): 1 serves in this process. The
+    # CLI's default is the CPUs this process may use; embedded servers and tests start with 1.
+    turn_workers: int = 1
     # The relay self-test at start-up (selftest.py). The CLI turns it on (--no-self-test turns it
     # off); servers embedded in other programs and tests start without it.
     self_test: bool = False

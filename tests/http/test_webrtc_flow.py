@@ -60,11 +60,13 @@ def _candidate_types(sdp: str) -> set[str]:
     return set(re.findall(r"a=candidate:.* typ (\w+)", sdp))
 
 
-@pytest.mark.parametrize("transport", ["udp", "tcp"])
+@pytest.mark.parametrize(("transport", "workers"), [("udp", 1), ("tcp", 1), ("udp", 2), ("tcp", 2)])
 async def test_two_aiortc_peers_talk_through_builtin_turn(
-    start_process: StartProcess, transport: str
+    start_process: StartProcess, transport: str, workers: int
 ) -> None:
     process, server = await start_process(
+        "--turn-workers",
+        str(workers),  # 2: TURN in worker processes (docs/turn.md, "Workers")
         "--turn-host",
         "127.0.0.1",
         "--turn-port",
@@ -131,6 +133,8 @@ async def test_two_aiortc_peers_talk_through_builtin_turn(
         turn = health.json()["turn"]
         assert turn["running"] is True
         assert turn["stats"]["allocations"] >= 2
+        if workers == 2:
+            assert [w["alive"] for w in turn["workers"]] == [True, True], turn
     finally:
         for pc in (pc_alice, pc_bob):
             with contextlib.suppress(Exception):

@@ -68,6 +68,7 @@ class ServerProcess:
     http_port: int = 0  # 0 until started: the server binds free ports itself (--ready-file)
     turn_port: int = 0
     relay_to_loopback: bool = True  # False: the production peer policy, loopback refused
+    turn_workers: int = 2  # TURN in two worker processes, as on a 2-core host by default
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -87,6 +88,7 @@ class ServerProcess:
             *("--http-host", "127.0.0.1", "--http-port", str(self.http_port)),
             *("--db", str(self.workdir / "rooms.db"), "--log-level", "info"),
             *("--turn-host", "127.0.0.1", "--turn-port", str(self.turn_port)),
+            *("--turn-workers", str(self.turn_workers)),
             *("--ready-file", str(self.ready_path)),
             "--public-host",
             "127.0.0.1",

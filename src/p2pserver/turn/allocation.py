@@ -57,6 +57,14 @@ class RelayFactory(Protocol):
     def expire(self, now: float) -> None: ...
 
 
+class UserCounts(Protocol):
+    """Allocations users hold in other TURN worker processes (quota.SharedUserCounts)."""
+
+    def elsewhere(self, username: str) -> int: ...
+
+    def add(self, username: str, delta: int) -> None: ...
+
+
 class NoCapacity(Exception):
     """No relay port could be had: 508 (RFC 8656 §7.2)."""
 
@@ -183,11 +191,16 @@ class AllocationTable:
     """All allocations by 5-tuple (RFC 8656 §2.2: one allocation per 5-tuple), with quotas."""
 
     def __init__(
-        self, user_quota: int, max_allocations: int, stats: TurnStats | None = None
+        self,
+        user_quota: int,
+        max_allocations: int,
+        stats: TurnStats | None = None,
+        elsewhere: UserCounts | None = None,
     ) -> None:
         self.user_quota = user_quota
         self.max_allocations = max_allocations
         self.stats = stats if stats is not None else TurnStats()
+        self.elsewhere = elsewhere  # with worker processes: the user quota holds across them
         self.by_tuple: dict[FiveTuple, Allocation] = {}
         self.per_user: Counter[str] = Counter()
 
@@ -202,8 +215,12 @@ class AllocationTable:
 
     def quota_error(self, username: str) -> int | None:
         """486 when this user has its quota, 508 when the server is full, else None."""
-        if self.user_quota and self.per_user[username] >= self.user_quota:
-            return 486
+        if self.user_quota:
+            held = self.per_user[username]
+            if self.elsewhere is not None:
+                held += self.elsewhere.elsewhere(username)
+            if held >= self.user_quota:
+                return 486
         if len(self.by_tuple) >= self.max_allocations:
             return 508
         return None
@@ -211,12 +228,16 @@ class AllocationTable:
     def add(self, allocation: Allocation) -> None:
         self.by_tuple[allocation.five_tuple] = allocation
         self.per_user[allocation.username] += 1
+        if self.elsewhere is not None:
+            self.elsewhere.add(allocation.username, 1)
         self.stats.allocations_created += 1
 
     def remove(self, five_tuple: FiveTuple) -> Allocation | None:
         allocation = self.by_tuple.pop(five_tuple, None)
         if allocation is not None:
             self.per_user[allocation.username] -= 1
+            if self.elsewhere is not None:
+                self.elsewhere.add(allocation.username, -1)
             if self.per_user[allocation.username] <= 0:
                 del self.per_user[allocation.username]
             for relay in allocation.relays.values():

@@ -27,6 +27,7 @@ from p2pserver.turn.allocation import (
     FiveTuple,
     NoCapacity,
     RelayFactory,
+    UserCounts,
     family_of,
     granted_lifetime,
 )
@@ -66,6 +67,7 @@ class TurnCore:
         secret: str | None = None,
         nonces: Nonces | None = None,
         fallback_ips: Mapping[int, str] | None = None,
+        user_counts: UserCounts | None = None,
     ) -> None:
         self.settings = settings
         self.relays = relays
@@ -73,7 +75,9 @@ class TurnCore:
         self.credentials = Credentials(settings.realm, dict(settings.users), secret)
         self.nonces = nonces or Nonces()
         self.stats = TurnStats()
-        self.table = AllocationTable(settings.user_quota, settings.max_allocations, self.stats)
+        self.table = AllocationTable(
+            settings.user_quota, settings.max_allocations, self.stats, user_counts
+        )
         self.responses = ResponseCache()
         self.responder = stun.Responder(settings.software)
         self.fallback_ips = dict(fallback_ips or {1: "127.0.0.1", 2: "::1"})  # see relayed_ip()

@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hashlib
+import hmac
 import logging
 import os
 import random
 import socket
+import struct
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from p2pserver.turn.allocation import Address, NoCapacity
 
@@ -77,6 +81,54 @@ class RelaySocket:
         self.sock.close()
 
 
+@dataclass(frozen=True)
+class Hairpin:
+    """Relay to relay through --external-ip without leaving the host (docs/turn.md, "Relay to
+    relay through --external-ip").
+
+    A peer address `external`:port with a port of the whole relay range (any worker's) is one of
+    this server's own relays: send to where that relay really is (`real`: the relay bind address,
+    loopback when that is a wildcard) instead, as a NAT that does not hairpin would never deliver
+    it. The receiving relay sees the datagram come from `real`:port and takes it as coming from
+    `external`:port, so permissions and channels match what its client installed."""
+
+    family: int  # 1 = IPv4, 2 = IPv6: the family of --external-ip
+    external: str
+    real: str
+    ports: tuple[int, int]  # the whole relay range, not a worker's slice
+
+
+class HairpinRelaySocket(RelaySocket):
+    """A relay socket of the family of --external-ip: translates as `Hairpin` says."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        loop: asyncio.AbstractEventLoop,
+        on_fault: Callable[[], None],
+        hairpin: Hairpin,
+    ) -> None:
+        super().__init__(sock, loop, on_fault)
+        self.hairpin = hairpin
+
+    def start(self, on_datagram: Callable[[bytes, Address], None]) -> None:
+        external, real = self.hairpin.external, self.hairpin.real
+        low, high = self.hairpin.ports
+
+        def translated(data: bytes, addr: Address) -> None:
+            if addr[0] == real and low <= addr[1] <= high:
+                addr = (external, addr[1])
+            on_datagram(data, addr)
+
+        super().start(translated)
+
+    def sendto(self, data: bytes, peer: Address) -> None:
+        hairpin = self.hairpin
+        if peer[0] == hairpin.external and hairpin.ports[0] <= peer[1] <= hairpin.ports[1]:
+            peer = (hairpin.real, peer[1])
+        super().sendto(data, peer)
+
+
 class RelayPorts:
     """Opens relay sockets on a random free port of the range, and keeps EVEN-PORT reservations."""
 
@@ -86,6 +138,7 @@ class RelayPorts:
         ports: tuple[int, int],
         loop: asyncio.AbstractEventLoop,
         on_fault: Callable[[], None] = lambda: None,
+        hairpin: Hairpin | None = None,
     ) -> None:
         self.bind_ips = dict(bind_ips)  # by family: 1 = IPv4, 2 = IPv6 (--relay-ip)
         self.ports = ports
@@ -93,6 +146,14 @@ class RelayPorts:
         self.on_fault = on_fault  # called from an `except` block when relaying fails
         self.families = frozenset(self.bind_ips)
         self.reservations: dict[bytes, tuple[socket.socket, float]] = {}
+        self.hairpin = hairpin
+
+    def _relay(self, sock: socket.socket) -> RelaySocket:
+        hairpin = self.hairpin
+        family = 2 if sock.family == socket.AF_INET6 else 1
+        if hairpin is not None and hairpin.family == family:
+            return HairpinRelaySocket(sock, self.loop, self.on_fault, hairpin)
+        return RelaySocket(sock, self.loop, self.on_fault)
 
     def _bind(self, family: int, port: int) -> socket.socket | None:
         af = socket.AF_INET6 if family == 2 else socket.AF_INET
@@ -140,14 +201,14 @@ class RelayPorts:
                 self.reservations[token] = (partner, time.time() + RESERVATION_LIFETIME)
             if dont_fragment:
                 _set_dont_fragment(sock)
-            return RelaySocket(sock, self.loop, self.on_fault), token
+            return self._relay(sock), token
         raise NoCapacity("no free relay port")
 
     def take_reserved(self, token: bytes) -> RelaySocket | None:
         entry = self.reservations.pop(token, None)
         if entry is None:
             return None
-        return RelaySocket(entry[0], self.loop, self.on_fault)
+        return self._relay(entry[0])
 
     def expire(self, now: float) -> None:
         """Close reservations not taken in time (`now` is time.time(), as in TurnCore)."""
@@ -173,3 +234,81 @@ def _set_dont_fragment(sock: socket.socket) -> None:
         sock.setsockopt(level, option, value)
     except OSError:
         log.debug("could not set DF on a relay socket")
+
+
+class SharedRelayPorts(RelayPorts):
+    """RelayPorts for one of several TURN workers: EVEN-PORT reservations any worker can take.
+
+    A client's Allocate with a RESERVATION-TOKEN comes from a new 5-tuple, which the kernel may
+    steer to another worker than the one that reserved the port (docs/turn.md, "Workers"). So
+    the token carries the port itself, signed with a key all workers share: port (2 bytes),
+    family bit and issue time in seconds mod 2^15 (2 bytes), HMAC (4 bytes). The reserving
+    worker does not hold the port bound (another process could not take it over); it only stops
+    picking it from its own slice until the reservation ends, and no other worker picks from
+    that slice. Whichever worker gets the token binds the port; a second use finds it taken (508).
+    """
+
+    def __init__(
+        self,
+        bind_ips: Mapping[int, str],
+        ports: tuple[int, int],
+        loop: asyncio.AbstractEventLoop,
+        on_fault: Callable[[], None] = lambda: None,
+        hairpin: Hairpin | None = None,
+        *,
+        token_key: bytes,
+        whole_range: tuple[int, int],
+    ) -> None:
+        super().__init__(bind_ips, ports, loop, on_fault, hairpin)
+        self.token_key = token_key
+        self.whole_range = whole_range  # a token may name a port of any worker's slice
+        self.held: dict[int, float] = {}  # reserved ports of this slice -> end of reservation
+
+    def _mac(self, head: bytes) -> bytes:
+        return hmac.new(self.token_key, head, hashlib.sha256).digest()[:4]
+
+    def _token(self, family: int, port: int, now: float) -> bytes:
+        stamp = (int(now) & 0x7FFF) | (0x8000 if family == 2 else 0)
+        head = struct.pack("!HH", port, stamp)
+        return head + self._mac(head)
+
+    def open(
+        self, family: int, *, even_port: bool, reserve_next: bool, dont_fragment: bool
+    ) -> tuple[RelaySocket, bytes | None]:
+        now = time.time()
+        for port in self._candidates(even_port or reserve_next):
+            if self.held.get(port, 0.0) > now or (reserve_next and port + 1 in self.held):
+                continue
+            sock = self._bind(family, port)
+            if sock is None:
+                continue
+            token = None
+            if reserve_next:
+                probe = self._bind(family, port + 1)  # free now; then kept free by `held`
+                if probe is None:
+                    sock.close()
+                    continue
+                probe.close()
+                self.held[port + 1] = now + RESERVATION_LIFETIME
+                token = self._token(family, port + 1, now)
+            if dont_fragment:
+                _set_dont_fragment(sock)
+            return self._relay(sock), token
+        raise NoCapacity("no free relay port")
+
+    def take_reserved(self, token: bytes) -> RelaySocket | None:
+        if len(token) != 8 or not hmac.compare_digest(token[4:], self._mac(token[:4])):
+            return None
+        port, stamp = struct.unpack("!HH", token[:4])
+        family = 2 if stamp & 0x8000 else 1
+        age = (int(time.time()) - stamp) & 0x7FFF
+        low, high = self.whole_range
+        if age > RESERVATION_LIFETIME or not low <= port <= high or family not in self.bind_ips:
+            return None
+        self.held.pop(port, None)
+        sock = self._bind(family, port)
+        return self._relay(sock) if sock is not None else None
+
+    def expire(self, now: float) -> None:
+        for port in [p for p, end in self.held.items() if end <= now]:
+            del self.held[port]

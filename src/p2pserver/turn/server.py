@@ -14,17 +14,19 @@ import os
 import socket
 import ssl
 import time
+from dataclasses import dataclass
 from functools import partial
 from typing import cast
 
 from p2pserver.config import Settings, StartupError
 from p2pserver.selftest import SelfTest
-from p2pserver.turn.allocation import Address, FiveTuple
+from p2pserver.turn.allocation import Address, FiveTuple, UserCounts, family_of
+from p2pserver.turn.auth import Nonces
 from p2pserver.turn.datapath import is_channel
 from p2pserver.turn.framing import FramingError, StreamFramer
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
-from p2pserver.turn.relay import RelayPorts
+from p2pserver.turn.relay import Hairpin, RelayPorts, SharedRelayPorts
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +210,41 @@ class StreamConnection(asyncio.Protocol):
         return self.five_tuple not in self.allocations and now - self.opened > TCP_IDLE_TIMEOUT
 
 
-class TurnServer:
-    """STUN/TURN on UDP and TCP (and TLS with a certificate), relays on UDP."""
+@dataclass(frozen=True)
+class Listeners:
+    """Listening sockets bound elsewhere: a TURN worker's own SO_REUSEPORT sockets, which the
+    supervisor holds for it (docs/turn.md, "Workers"). TCP and TLS are listening already."""
 
-    def __init__(self, settings: Settings, secret: str | None = None) -> None:
+    udp: socket.socket
+    tcp: socket.socket
+    tls: socket.socket | None = None
+
+
+class TurnServer:
+    """STUN/TURN on UDP and TCP (and TLS with a certificate), relays on UDP.
+
+    As a TURN worker (workers.py) it serves on `listeners` it is given, opens relays on its
+    `relay_ports` slice of the range only, counts users' allocations in `user_counts`, and
+    signs nonces and RESERVATION-TOKENs with the workers' common keys."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        secret: str | None = None,
+        *,
+        listeners: Listeners | None = None,
+        relay_ports: tuple[int, int] | None = None,
+        user_counts: UserCounts | None = None,
+        nonce_key: bytes | None = None,
+        reservation_key: bytes | None = None,
+    ) -> None:
         self.settings = settings
         self.secret = secret if secret is not None else settings.secret
+        self.listeners = listeners
+        self.relay_ports = relay_ports or settings.relay_ports
+        self.user_counts = user_counts
+        self.nonce_key = nonce_key  # shared by workers: a restarted one takes their nonces
+        self.reservation_key = reservation_key  # shared too: any worker takes a reserved port
         self.ratelog = RateLimitedLog(log)
         self.connections: set[StreamConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
@@ -247,7 +278,20 @@ class TurnServer:
             log.warning("no --user and no --secret: every TURN request will be refused")
         loop = asyncio.get_running_loop()
         bind_ips = s.relay_bind_ips
-        self.relays = RelayPorts(bind_ips, s.relay_ports, loop, on_fault=self._relay_fault)
+        if self.reservation_key is None:
+            self.relays = RelayPorts(
+                bind_ips, self.relay_ports, loop, on_fault=self._relay_fault, hairpin=hairpin(s)
+            )
+        else:
+            self.relays = SharedRelayPorts(
+                bind_ips,
+                self.relay_ports,
+                loop,
+                on_fault=self._relay_fault,
+                hairpin=hairpin(s),
+                token_key=self.reservation_key,
+                whole_range=s.relay_ports,
+            )
         own = [ip for ip in (*s.relay_ips, s.external_ip, s.turn_host) if ip]
         self.policy = policy = PeerPolicy(
             allow=s.allow_peers,
@@ -258,10 +302,18 @@ class TurnServer:
         )
         # Where relays are announced when they bind to a wildcard and nothing else says.
         fallback_ips = {family: _primary_ip(family == 2) for family in bind_ips}
-        self.core = TurnCore(s, self.relays, policy, self.secret, fallback_ips=fallback_ips)
+        self.core = TurnCore(
+            s,
+            self.relays,
+            policy,
+            self.secret,
+            nonces=Nonces(self.nonce_key) if self.nonce_key else None,
+            fallback_ips=fallback_ips,
+            user_counts=self.user_counts,
+        )
         tls = self._tls_context()
         # Port 0 (tests) picks a free UDP port, which TCP may find taken: then try another.
-        for attempt in range(1 if s.turn_port else 20):
+        for attempt in range(1 if s.turn_port or self.listeners else 20):
             try:
                 await self._listen(loop, tls)
                 break
@@ -275,6 +327,8 @@ class TurnServer:
                     ) from exc
         policy.listen_on(port for _, _, port in self.addresses)
         self._sweeper = asyncio.create_task(self._sweep())
+        if self.listeners is not None:
+            return  # a worker: the supervisor says where it listens, and runs the self-test
         for transport_name, host, port in self.addresses:
             log.info("STUN/TURN listening on %s %s:%d", transport_name, host, port)
         low, high = s.relay_ports
@@ -301,6 +355,9 @@ class TurnServer:
         return context
 
     async def _listen(self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLContext | None) -> None:
+        if self.listeners is not None:
+            await self._serve_on(loop, self.listeners, tls)
+            return
         s = self.settings
         self._binding = ("udp", s.turn_host, s.turn_port)
         transport, _ = await loop.create_datagram_endpoint(
@@ -327,6 +384,26 @@ class TurnServer:
             )
             self._servers.append(listener)
             self.addresses.append(("tls", s.turn_host, listener.sockets[0].getsockname()[1]))
+
+    async def _serve_on(
+        self, loop: asyncio.AbstractEventLoop, given: Listeners, tls: ssl.SSLContext | None
+    ) -> None:
+        host = self.settings.turn_host
+        transport, _ = await loop.create_datagram_endpoint(
+            lambda: UdpListener(self), sock=given.udp
+        )
+        self._udp = transport
+        self.addresses.append(("udp", host, given.udp.getsockname()[1]))
+        tcp = await loop.create_server(lambda: StreamConnection(self, "tcp"), sock=given.tcp)
+        self._servers.append(tcp)
+        self.addresses.append(("tcp", host, given.tcp.getsockname()[1]))
+        if tls is not None and given.tls is not None:
+            self._tls = tls
+            listener = await loop.create_server(
+                lambda: StreamConnection(self, "tls"), sock=given.tls, ssl=tls
+            )
+            self._servers.append(listener)
+            self.addresses.append(("tls", host, given.tls.getsockname()[1]))
 
     async def _sweep(self) -> None:
         while True:
@@ -406,6 +483,20 @@ class TurnServer:
             "tcp_connections": len(self.connections),
             **core.stats.snapshot(core.table),
         }
+
+
+def hairpin(settings: Settings) -> Hairpin | None:
+    """Relay to relay through --external-ip, kept on this host (relay.Hairpin), or None."""
+    external = settings.external_ip
+    if external is None:
+        return None
+    family = family_of(external)
+    real = settings.relay_bind_ips.get(family)
+    if real is None:
+        return None  # no relays of that family: --external-ip is never handed out
+    if real in ("0.0.0.0", "::"):
+        real = "::1" if family == 2 else "127.0.0.1"  # a wildcard relay answers on loopback
+    return Hairpin(family, external, real, settings.relay_ports)
 
 
 def _os_reason(exc: BaseException) -> str:

@@ -1,0 +1,197 @@
+"""Relay throughput with 1 and with N TURN worker processes, side by side (bench/README.md).
+
+    .venv/bin/python bench/turn_workers.py                     # 1 and 2 workers, 3 rounds
+    .venv/bin/python bench/turn_workers.py --workers 1,2 --rounds 3 --seconds 3 --pairs 8
+
+Starts `p2pserver --no-http --turn-workers W` on 127.0.0.1 for each W in turn (interleaved,
+`--rounds` times), and loads it from `--generators` processes. Each generator holds `--pairs`
+pairs of allocations relaying to each other (client A -> relay A -> relay B -> client B, the
+relay-to-relay path of two relayed browsers), and keeps `--window` ChannelData messages in flight
+per pair: a closed loop, so the server sets the pace and nothing piles up in buffers. Each run
+is bounded by `--seconds` and by `--count` messages per generator. Reported per W: the median
+over the rounds of messages/s delivered to B, the server's CPU (main process and workers, % of
+one core) and the generators' own CPU, which says whether they were the limit. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import selectors
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from turn_relay import CHANNEL, LOCALHOST, TurnClient, cpu_seconds
+
+MIDDLE = 57344  # default relay range cut in two: ports below are worker 0's (workers.slices)
+
+
+def generator(
+    port: int, pairs: int, size: int, window: int, seconds: float, count: int, go: Any, out: Any
+) -> None:
+    links = []
+    spread = [0, 0]
+    for _ in range(pairs):
+        a, b = TurnClient((LOCALHOST, port)), TurnClient((LOCALHOST, port))
+        relayed_a, relayed_b = a.allocate(), b.allocate()
+        spread[relayed_a[1] >= MIDDLE] += 1
+        spread[relayed_b[1] >= MIDDLE] += 1
+        a.channel_bind(relayed_b)
+        b.channel_bind(relayed_a)
+        links.append((a.sock, b.sock))
+    frame = struct.pack("!HH", CHANNEL, size) + bytes(size)
+    selector = selectors.DefaultSelector()
+    for index, (a_sock, b_sock) in enumerate(links):
+        a_sock.setblocking(False)
+        b_sock.setblocking(False)
+        selector.register(b_sock, selectors.EVENT_READ, index)
+    out.put(("ready", spread))
+    go.wait()
+    cpu0, start = time.process_time(), time.monotonic()
+    end = start + seconds
+    delivered = sent = 0
+    for a_sock, _ in links:
+        for _ in range(window):
+            a_sock.send(frame)
+            sent += 1
+    while delivered < count and time.monotonic() < end:
+        events = selector.select(0.05)
+        if not events:  # losses starved the loop: put the window back in flight
+            for a_sock, _ in links:
+                for _ in range(window):
+                    a_sock.send(frame)
+                    sent += 1
+            continue
+        for key, _ in events:
+            b_sock = key.fileobj
+            a_sock = links[key.data][0]
+            while True:
+                try:
+                    b_sock.recv(65536)  # type: ignore[union-attr]
+                except BlockingIOError:
+                    break
+                delivered += 1
+                try:
+                    a_sock.send(frame)
+                    sent += 1
+                except BlockingIOError:
+                    pass
+    elapsed = time.monotonic() - start
+    out.put(("done", delivered, sent, elapsed, time.process_time() - cpu0))
+
+
+def family_cpu(pid: int) -> float:
+    """CPU seconds of a process and its children (the TURN workers)."""
+    total = cpu_seconds(pid) or 0.0
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        for child in children.read_text().split():
+            total += cpu_seconds(int(child)) or 0.0
+    return total
+
+
+def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        ready = Path(tmp) / "ready.json"
+        server = subprocess.Popen(
+            [
+                sys.executable, "-m", "p2pserver", "--no-http", "--log-level", "warning",
+                "--turn-host", LOCALHOST, "--turn-port", "0", "--ready-file", str(ready),
+                "--turn-workers", str(workers), "--user", "bench:bench", "--no-self-test",
+                "--allow-peer", "127.0.0.0/8", "--user-quota", "0",
+            ],
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not ready.exists():
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("p2pserver did not start")
+                time.sleep(0.05)
+            port = json.loads(ready.read_text())["udp"]
+            context = multiprocessing.get_context("fork")
+            go, out = context.Event(), context.Queue()
+            procs = [
+                context.Process(
+                    target=generator,
+                    args=(
+                        port,
+                        args.pairs,
+                        args.size,
+                        args.window,
+                        args.seconds,
+                        args.count,
+                        go,
+                        out,
+                    ),
+                )
+                for _ in range(args.generators)
+            ]
+            for proc in procs:
+                proc.start()
+            spread = [0, 0]
+            for _ in procs:
+                _, got = out.get(timeout=60)
+                spread = [spread[0] + got[0], spread[1] + got[1]]
+            cpu0 = family_cpu(server.pid)
+            go.set()
+            results = [out.get(timeout=args.seconds + 60) for _ in procs]
+            server_cpu = family_cpu(server.pid) - cpu0
+            for proc in procs:
+                proc.join(10)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(30)
+    elapsed = max(r[3] for r in results)
+    return {
+        "workers": workers,
+        "delivered_pps": sum(r[1] for r in results) / elapsed,
+        "sent_pps": sum(r[2] for r in results) / elapsed,
+        "server_cpu": 100 * server_cpu / elapsed,
+        "generator_cpu": 100 * sum(r[4] for r in results) / elapsed,
+        "allocations_per_worker_slice": spread if workers == 2 else [sum(spread)],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", default="1,2", help="worker counts to compare (1,2)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; median (3)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of a run (3)")
+    parser.add_argument("--count", type=int, default=1_000_000, help="most messages/generator")
+    parser.add_argument("--generators", type=int, default=2, help="generator processes (2)")
+    parser.add_argument("--pairs", type=int, default=8, help="allocation pairs/generator (8)")
+    parser.add_argument("--window", type=int, default=16, help="in flight per pair (16)")
+    parser.add_argument("--size", type=int, default=160, help="payload bytes (160)")
+    args = parser.parse_args(argv)
+    counts = [int(w) for w in args.workers.split(",")]
+    runs: dict[int, list[dict[str, Any]]] = {w: [] for w in counts}
+    for round_ in range(args.rounds):
+        for workers in counts:
+            result = one_run(workers, args)
+            runs[workers].append(result)
+            print(f"round {round_ + 1}: {json.dumps(result)}", file=sys.stderr)
+    print(f"cpus usable: {len(os.sched_getaffinity(0))}; payload {args.size} B; "
+          f"{args.generators} generators x {args.pairs} pairs x window {args.window}")  # fmt: skip
+    print("| workers | delivered msg/s (median) | runs | server CPU % | generators CPU % |")
+    print("|---:|---:|---|---:|---:|")
+    for workers, results in runs.items():
+        median = statistics.median(r["delivered_pps"] for r in results)
+        every = ", ".join(f"{r['delivered_pps']:,.0f}" for r in results)
+        cpu = statistics.median(r["server_cpu"] for r in results)
+        gen = statistics.median(r["generator_cpu"] for r in results)
+        print(f"| {workers} | {median:,.0f} | {every} | {cpu:.0f} | {gen:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
