@@ -34,11 +34,3 @@ def need_module(name: str, install: str) -> None:
     """The Python package `name` is importable; see need()."""
     found = importlib.util.find_spec(name) is not None
     need(name, None if found else f"the Python package is not installed ({install})")
-
-
-def need_netns_firewall() -> None:
-    """Root, unshare, ip and iptables: a network namespace of the test's own with a firewall."""
-    need_program("unshare", "apt-get install util-linux")
-    need_program("ip", "apt-get install iproute2")
-    need_program("iptables", "apt-get install iptables")
-    need("unshare --net", None if os.geteuid() == 0 else "a network namespace needs root")

@@ -19,15 +19,16 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
-from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from p2pserver.config import Settings
 from p2pserver.ice import url_host
 from p2pserver.metrics import HttpMetrics, Metrics
 from p2pserver.ratelimit import SlidingWindow
+from p2pserver.roomcache import RoomCache
 from p2pserver.rooms import RoomStore
 from p2pserver.signaling import Hub, client_address
 
@@ -118,7 +119,17 @@ async def _read_body(request: Request) -> bytes | None:
     return b"".join(chunks)
 
 
+_CREATE_RESULTS = {200: "created", 429: "rate-limited", 400: "bad-request", 413: "bad-request"}
+
+
 async def create_chat(request: Request) -> Response:
+    response = await _create_chat(request)
+    metrics: Metrics = request.app.state.metrics
+    metrics.create_chat.labels(_CREATE_RESULTS.get(response.status_code, "error")).inc()
+    return response
+
+
+async def _create_chat(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     limiter: SlidingWindow = request.app.state.create_limiter
     body = await _read_body(request)
@@ -135,7 +146,7 @@ async def create_chat(request: Request) -> Response:
             429, "rate-limited", "too many rooms created, slow down", {"Retry-After": str(wait)}
         )
     limiter.hit(address, now)
-    store: RoomStore = request.app.state.hub.store
+    store: RoomCache = request.app.state.hub.store
     room_id, pin = await store.create(
         with_pin=with_pin, max_peers=max_peers, now=time.time(), private=private
     )
@@ -143,7 +154,7 @@ async def create_chat(request: Request) -> Response:
 
 
 async def check_chat(request: Request) -> Response:
-    store: RoomStore = request.app.state.hub.store
+    store: RoomCache = request.app.state.hub.store
     room = await store.get(request.path_params["room_id"], time.time())
     if room is None:
         return _error(404, "not-found", "no such room")
@@ -214,8 +225,26 @@ async def check_page(request: Request) -> Response:
     return _page(request, "check.html")
 
 
-async def signaling(websocket: WebSocket) -> None:
-    await websocket.app.state.hub.serve(websocket)
+_SIGNALING_PATH = re.compile(r"/ws/([^/]+)")
+
+
+class App(Starlette):
+    """Starlette, except that signaling WebSockets go straight to the hub.
+
+    Middleware and routing have nothing to do for them (CORS is HTTP only; the hub answers its
+    own faults), and each open socket would otherwise keep their frames alive for as long as
+    it stays connected: bench/README.md has the memory and join-rate figures.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            match = _SIGNALING_PATH.fullmatch(scope["path"])
+            if match is not None:
+                scope["app"] = self
+                scope["path_params"] = {"room_id": match[1]}
+                await self.state.hub.serve(WebSocket(scope, receive, send))
+                return
+        await super().__call__(scope, receive, send)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -231,7 +260,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 async def sweep_forever(
-    hub: Hub, store: RoomStore, create_limiter: SlidingWindow, interval: float
+    hub: Hub, store: RoomCache, create_limiter: SlidingWindow, interval: float
 ) -> None:
     """Keep rooms with connected peers fresh, delete idle ones, forget old rate-limit entries."""
     while True:
@@ -253,7 +282,7 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = await RoomStore.open(settings.db, settings.room_ttl)
+        store = RoomCache(await RoomStore.open(settings.db, settings.room_ttl))
         try:
             hub.store = store
             hub.secret = settings.secret or await store.turn_secret()
@@ -285,7 +314,7 @@ def create_app(settings: Settings) -> Starlette:
         Route("/create-chat", create_chat, methods=["POST"]),
         Route("/check-chat/{room_id}", check_chat, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
-        WebSocketRoute("/ws/{room_id}", signaling),
+        # /ws/{room_id}: signaling, dispatched by App itself.
         # The web client: its page at / and its scripts and styles under /static/. (A mount at
         # / would answer every unknown path itself, and GET /create-chat with 404, not 405.)
         Route("/", index, methods=["GET", "HEAD"]),
@@ -293,7 +322,7 @@ def create_app(settings: Settings) -> Starlette:
         Mount("/static", WebFiles(directory=WEB_DIR), name="static"),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
     ]
-    app = Starlette(
+    app = App(
         routes=routes,
         middleware=[
             Middleware(HttpMetrics, metrics=metrics, routes=routes),

@@ -66,6 +66,15 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a duration: {text!r}") from None
 
 
+def _on_off(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("on", "true", "yes", "1"):
+        return True
+    if value in ("off", "false", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="p2pserver",
@@ -130,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.ws_max_errors,
         help="errors in 10 s that close a misbehaving peer (50)",
+    )
+    http.add_argument(
+        "--ws-compression",
+        type=_on_off,
+        default=d.ws_compression,
+        metavar="{on,off}",
+        help="permessage-deflate on signaling WebSockets (off: it costs memory per peer)",
     )
     http.add_argument(
         "--pin-attempts",

@@ -32,6 +32,7 @@ class Settings:
     ws_connections_per_ip: int = 32
     ws_join_timeout: float = 10.0
     ws_max_errors: int = 50
+    ws_compression: bool = False  # permessage-deflate (RFC 7692), small windows when on
     pin_attempts: int = 5
     pin_lockout: float = 300.0
     health_file: str | None = None  # where to write the /healthz URL once listening

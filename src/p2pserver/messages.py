@@ -68,9 +68,43 @@ def parse(text: str) -> dict[str, Any]:
     return message
 
 
+# One encoder: json.dumps with any argument builds a new one per call, which costs more than
+# the encoding of a small message itself. ASCII output: a lone surrogate ("\\ud800" in the
+# input) would not encode as UTF-8 otherwise.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encode(message: dict[str, Any]) -> str:
-    # ASCII output: a lone surrogate ("\\ud800" in the input) would not encode as UTF-8 otherwise.
-    return json.dumps(message, separators=(",", ":"))
+    return _encode(message)
+
+
+def signal_data_text(text: str, message: dict[str, Any]) -> str | None:
+    """The "data" of a parsed signal exactly as its frame spelled it, when that is cheap to know.
+
+    A client that writes `{"type":"signal","to":"ID","data":...}` (compact, these keys in this
+    order, nothing else) has the data as the rest of the frame, so relaying it needs no
+    re-encoding. None for any other spelling: then encode_signal re-encodes it. The text was
+    parsed already, so a matching prefix can only be these three members: a "to" with quotes or
+    backslashes in it is escaped in the text and does not match.
+    """
+    to = message.get("to")
+    if len(message) != 3 or not isinstance(to, str) or not text.endswith("}"):
+        return None
+    prefix = f'{{"type":"signal","to":"{to}","data":'
+    if not text.startswith(prefix):
+        return None
+    return text[len(prefix) : -1]
+
+
+def encode_signal(sender: str, data: Any, data_text: str | None = None) -> str:
+    """A relayed signal, as encode() would write it, without building the outer object.
+
+    `sender` is a peer id the server made (URL-safe base64): it needs no escaping.
+    `data_text`, if given, is the data already encoded (see signal_data_text).
+    """
+    if data_text is None:
+        data_text = _encode(data)
+    return f'{{"type":"signal","from":"{sender}","data":{data_text}}}'
 
 
 def error(code: ErrorCode, detail: str | None = None) -> dict[str, Any]:

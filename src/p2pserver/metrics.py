@@ -70,6 +70,12 @@ class Metrics:
             ["route", "method", "status"],
             registry=self.registry,
         )
+        self.create_chat = Counter(
+            "p2pserver_create_chat",
+            "POST /create-chat answers, by result: created, rate-limited, bad-request",
+            ["result"],
+            registry=self.registry,
+        )
         self.turn: StatsSource = lambda: None
         self.signaling: StatsSource = lambda: None
         self.registry.register(_Collector(self))
@@ -169,9 +175,6 @@ def signaling_metrics(stats: Mapping[str, Any]) -> Iterator[Metric]:
         ),
         "join_failures": CounterMetricFamily(
             "p2pserver_signaling_join_failures", "Joins refused, by error code", labels=["reason"]
-        ),
-        "create_chat": CounterMetricFamily(
-            "p2pserver_create_chat", "POST /create-chat answers, by result", labels=["result"]
         ),
     }
     for key, value in stats.items():

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import re
 import secrets
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import aiosqlite
 
@@ -65,9 +69,22 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class RoomStore:
-    def __init__(self, db: aiosqlite.Connection, ttl: float) -> None:
+    """Rooms in one aiosqlite connection.
+
+    Every cursor is closed (or dropped) on aiosqlite's worker thread, never left to the garbage
+    collector on the event loop's thread: a sqlite3 cursor that dies holding a statement resets
+    it, and statements are shared through the connection's statement cache, so a cursor
+    collected on the loop's thread could reset a statement the worker thread was running for
+    another query at that moment (SQLITE_MISUSE, "bad parameter or other API misuse").
+    """
+
+    def __init__(self, db: aiosqlite.Connection, ttl: float, path: str | None = None) -> None:
         self._db = db
         self.ttl = ttl
+        self._inserts: list[tuple[Room, asyncio.Future[None]]] = []
+        self._inserter: asyncio.Task[None] | None = None
+        # A file has a second connection for inserts; ":memory:" would be another database.
+        self._writer = _Writer(path) if path and path != ":memory:" else None
 
     @classmethod
     async def open(cls, path: str, ttl: float) -> RoomStore:
@@ -81,15 +98,23 @@ class RoomStore:
         except BaseException:
             await db.close()
             raise
-        return cls(db, ttl)
+        return cls(db, ttl, path)
 
     async def close(self) -> None:
+        if self._inserter is not None:
+            self._inserter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._inserter
+        for _, waiter in self._inserts:
+            _settle(waiter, RuntimeError("room store closed"))
+        self._inserts = []
+        if self._writer is not None:
+            await self._writer.close()
         await self._db.close()
 
     async def ping(self) -> bool:
         try:
-            async with self._db.execute("SELECT 1") as cur:
-                return await cur.fetchone() == (1,)
+            return await self._fetchone("SELECT 1", ()) == (1,)
         except (aiosqlite.Error, ValueError):
             return False
 
@@ -97,30 +122,94 @@ class RoomStore:
         self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
     ) -> tuple[str, str | None]:
         """Create a room; return (room id, PIN or None). The PIN itself is never stored."""
+        room, pin = await self.create_room(
+            with_pin=with_pin, max_peers=max_peers, now=now, private=private
+        )
+        return room.id, pin
+
+    async def create_room(
+        self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
+    ) -> tuple[Room, str | None]:
+        """Create a room; return it and its PIN (or None), once it is on disk."""
         pin = pins.new_pin() if with_pin else None
         pin_hash = await asyncio.to_thread(pins.hash_pin, pin) if pin else None
         while True:
             room_id = secrets.token_urlsafe(ROOM_ID_BYTES)
+            room = Room(room_id, pin_hash, max_peers, now, now, private=private)
             try:
-                await self._db.execute(
-                    "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active, private)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (room_id, pin_hash, max_peers, now, now, private),
-                )
+                await self._insert(room)
             except aiosqlite.IntegrityError:  # 2**-128 odds, but cheap to handle
                 continue
-            return room_id, pin
+            return room, pin
+
+    async def _insert(self, room: Room) -> None:
+        """Queue the room for the inserter and wait until its transaction is committed.
+
+        Rooms created at the same time share one transaction, so one disk sync (synchronous =
+        FULL) covers them all instead of one sync each.
+        """
+        waiter = asyncio.get_running_loop().create_future()
+        self._inserts.append((room, waiter))
+        if self._inserter is None or self._inserter.done():
+            self._inserter = asyncio.create_task(self._insert_batches())
+        await waiter
+
+    async def _insert_batches(self) -> None:
+        # Other statements on the connection may run inside a batch's transaction (aiosqlite
+        # runs them in turn); they are autocommit reads and idempotent writes, so a rollback
+        # costs at most a touch.
+        while self._inserts:
+            batch, self._inserts = self._inserts, []
+            rows = [
+                (r.id, r.pin_hash, r.max_peers, r.created, r.last_active, r.private)
+                for r, _ in batch
+            ]
+            try:
+                await self._insert_rows(rows)
+            except aiosqlite.IntegrityError:  # an id taken: each on its own, so only it fails
+                for row, (_, waiter) in zip(rows, batch, strict=True):
+                    try:
+                        await self._insert_rows([row])
+                    except Exception as exc:
+                        _settle(waiter, exc)
+                    else:
+                        _settle(waiter, None)
+            except Exception as exc:
+                for _, waiter in batch:
+                    _settle(waiter, exc)
+            else:
+                for _, waiter in batch:
+                    _settle(waiter, None)
+            finally:  # cancelled (closing): nobody may wait forever
+                for _, waiter in batch:
+                    _settle(waiter, RuntimeError("room store closed"))
+
+    async def _insert_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        if self._writer is not None:
+            return await self._writer.insert(rows)
+        await self._write("BEGIN IMMEDIATE", ())
+        try:
+            async with self._db.executemany(
+                "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active, private)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            ):
+                pass
+            await self._write("COMMIT", ())
+        except BaseException:
+            with contextlib.suppress(aiosqlite.Error, ValueError):
+                await self._write("ROLLBACK", ())
+            raise
 
     async def get(self, room_id: str, now: float) -> Room | None:
         """The room, or None if it does not exist or has expired (even if not yet swept)."""
         if not is_room_id(room_id):
             return None
-        async with self._db.execute(
+        row = await self._fetchone(
             "SELECT id, pin_hash, max_peers, created, last_active, private FROM rooms"
             " WHERE id = ? AND last_active > ?",
             (room_id, now - self.ttl),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return None if row is None else Room(*row[:5], private=bool(row[5]))
 
     async def verify_pin(self, room: Room, pin: str) -> bool:
@@ -130,34 +219,96 @@ class RoomStore:
         return await asyncio.to_thread(pins.verify_pin, pin, room.pin_hash)
 
     async def touch(self, room_ids: Iterable[str], now: float) -> None:
-        await self._db.executemany(
-            "UPDATE rooms SET last_active = ? WHERE id = ? AND last_active < ?",
-            [(now, room_id, now) for room_id in room_ids],
-        )
+        rows = [(now, room_id, now) for room_id in room_ids]
+        if rows:
+            async with self._db.executemany(
+                "UPDATE rooms SET last_active = ? WHERE id = ? AND last_active < ?", rows
+            ):
+                pass
 
     async def sweep(self, now: float) -> int:
         """Delete rooms idle for longer than the TTL; return how many."""
-        cur = await self._db.execute("DELETE FROM rooms WHERE last_active <= ?", (now - self.ttl,))
-        return cur.rowcount
+        return await self._write("DELETE FROM rooms WHERE last_active <= ?", (now - self.ttl,))
 
     async def count(self) -> int:
-        async with self._db.execute("SELECT count(*) FROM rooms") as cur:
-            row = await cur.fetchone()
+        row = await self._fetchone("SELECT count(*) FROM rooms", ())
         return int(row[0]) if row else 0
 
     async def meta_get_or_set(self, key: str, value: str) -> str:
         """meta[key], storing `value` first if absent (race-free across processes)."""
-        await self._db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value)
-        )
-        async with self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)) as cur:
-            row = await cur.fetchone()
+        await self._write("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        row = await self._fetchone("SELECT value FROM meta WHERE key = ?", (key,))
         assert row is not None
         return str(row[0])
 
     async def turn_secret(self) -> str:
         """The TURN REST API secret generated on first start, so credentials survive restarts."""
         return await self.meta_get_or_set("turn_secret", secrets.token_urlsafe(32))
+
+    # Both helpers finish with the cursor on the worker thread (see the class docstring).
+
+    async def _fetchone(self, sql: str, params: tuple[Any, ...]) -> Any:
+        rows = await self._db.execute_fetchall(sql, params)  # the cursor dies in the worker
+        return next(iter(rows), None)
+
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+        """Run one statement; return how many rows it changed."""
+        async with self._db.execute(sql, params) as cur:
+            return cur.rowcount
+
+
+class _Writer:
+    """A connection of its own, on a thread of its own, for inserting rooms.
+
+    A batch is one trip to that thread (BEGIN, the inserts, COMMIT) where aiosqlite would take
+    three, each waiting its turn on a busy event loop: creating a room waits for less. WAL lets
+    it write while the main connection reads; busy_timeout covers the two writing at once.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "p2pserver-rooms")
+        self._conn: sqlite3.Connection | None = None
+
+    async def insert(self, rows: list[tuple[Any, ...]]) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._insert, rows)
+
+    async def close(self) -> None:
+        with contextlib.suppress(RuntimeError):  # closed already
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
+        self._executor.shutdown(wait=False)
+
+    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+        if self._conn is None:
+            self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA busy_timeout = 5000")
+            self._conn.execute("PRAGMA synchronous = FULL")  # as RoomStore.open says
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(
+                "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active, private)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _settle(waiter: asyncio.Future[None], error: BaseException | None) -> None:
+    if waiter.done():  # its creator went away (cancelled)
+        return
+    if error is None:
+        waiter.set_result(None)
+    else:
+        waiter.set_exception(error)
 
 
 async def migrate(db: aiosqlite.Connection) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 
 from p2pserver.config import Settings
+from p2pserver.wsserver import SignalingWebSocketProtocol
 
 log = logging.getLogger("p2pserver")
 
@@ -41,7 +42,8 @@ def redact_room_ids() -> None:
 
 
 def uvicorn_config(app: object, settings: Settings, **overrides: object) -> uvicorn.Config:
-    """uvicorn as this app needs it: the frame limit behind 1009, proxy headers, 5 s drain."""
+    """uvicorn as this app needs it: the frame limit behind 1009, proxy headers, 5 s drain,
+    the WebSocket protocol and its compression."""
     options: dict[str, object] = {
         "host": settings.http_host,
         "port": settings.http_port,
@@ -50,6 +52,10 @@ def uvicorn_config(app: object, settings: Settings, **overrides: object) -> uvic
         "access_log": False,
         "proxy_headers": True,
         "ws_max_size": settings.ws_max_message + 1024,
+        # Our protocol (uvicorn's sans-I/O one plus a lane for joined peers) and no
+        # permessage-deflate unless asked: docs/api.md and bench/README.md say why.
+        "ws": SignalingWebSocketProtocol,
+        "ws_per_message_deflate": settings.ws_compression,
         "timeout_graceful_shutdown": 5,
         "lifespan": "on",
     }

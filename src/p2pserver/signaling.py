@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import MutableMapping
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +20,9 @@ from p2pserver import messages as m
 from p2pserver.config import Settings
 from p2pserver.ice import host_from_header, ice_servers, url_host
 from p2pserver.ratelimit import SlidingWindow, TokenBucket
-from p2pserver.rooms import Room, RoomStore
+from p2pserver.roomcache import RoomCache
+from p2pserver.rooms import Room
+from p2pserver.wsserver import LANE, Lane
 
 log = logging.getLogger("p2pserver.signaling")
 
@@ -36,39 +39,79 @@ class _Close:
 
 
 class Connection:
-    """One WebSocket: its place in a room, its limits, and an outgoing queue with its own writer.
+    """One WebSocket: its place in a room, its limits, and how messages reach it.
 
-    Everything sent to a peer goes through its queue, so a peer that reads slowly only ever
-    delays itself; when its backlog passes a bound it is dropped (too-slow) instead.
+    With a Lane (our own uvicorn protocol, see wsserver.py) a message is written to the socket
+    at once; otherwise it goes through a queue that a writer task empties. Either way a peer
+    that reads slowly only ever delays itself: when its backlog (bytes the kernel has not taken,
+    or the queue) passes a bound it is dropped (too-slow) instead.
     """
 
-    def __init__(self, ws: WebSocket, address: str, settings: Settings, now: float) -> None:
-        self.ws = ws
+    __slots__ = (
+        "_max_bytes",
+        "_queue",
+        "_queued_bytes",
+        "_writer",
+        "address",
+        "bucket",
+        "counted",
+        "dead",
+        "detached",
+        "errors",
+        "lane",
+        "peer_id",
+        "room_id",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        ws: WebSocket,
+        address: str,
+        settings: Settings,
+        now: float,
+        lane: Lane | None = None,
+    ) -> None:
+        self.ws: WebSocket | None = ws
+        self.lane = lane
         self.address = address
         self.peer_id: str | None = None
         self.room_id: str | None = None
         self.dead = False  # a close is queued: its input is ignored, nothing more is queued
-        self.finished = asyncio.Event()
+        self.counted = False  # in Hub.connections and its address's count
+        self.detached = False  # joined, and the lane took over from ASGI (ws is None then)
         rate = settings.ws_messages_per_second
         self.bucket = TokenBucket(rate, max(MIN_BURST, rate), now)
         self.errors = SlidingWindow(settings.ws_max_errors, ERROR_WINDOW)  # >= 1: check_settings
-        self._queue: asyncio.Queue[str | _Close] = asyncio.Queue()
+        # A peer with a lane only queues its close: the queue is made when needed (memory).
+        self._queue: asyncio.Queue[str | _Close] | None = None if lane else asyncio.Queue()
         self._queued_bytes = 0
         self._max_bytes = max(MIN_QUEUED_BYTES, 16 * settings.ws_max_message)
+        self._writer: asyncio.Task[None] | None = None
 
     def send(self, message: dict[str, Any] | str) -> bool:
         """Queue a message (or its encoding); False when the backlog is over its bound."""
         if self.dead:
             return True
         text = message if isinstance(message, str) else m.encode(message)
-        if (
-            self._queue.qsize() >= MAX_QUEUED_ITEMS
-            or self._queued_bytes + len(text) > self._max_bytes
-        ):
+        lane = self.lane
+        queue = self._queue
+        if lane is not None and (queue is None or queue.empty()):  # nothing queued: in order
+            if lane.buffered() + len(text) > self._max_bytes:
+                return False
+            lane.send(text)  # False: gone; the reader sees the disconnect and cleans up
+            return True
+        queue = self._outbox()
+        if queue.qsize() >= MAX_QUEUED_ITEMS or self._queued_bytes + len(text) > self._max_bytes:
             return False
         self._queued_bytes += len(text)
-        self._queue.put_nowait(text)
+        queue.put_nowait(text)
         return True
+
+    def _outbox(self) -> asyncio.Queue[str | _Close]:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        return self._queue
 
     def close(
         self, code: int, reason: str, *, error: m.ErrorCode | None = None, flush: bool = True
@@ -77,20 +120,43 @@ class Connection:
         if self.dead:
             return
         self.dead = True
+        if self.detached and self.lane is not None:  # no ASGI any more: straight to the socket
+            if error is not None:
+                self.lane.send(m.encode(m.error(error)))
+            self.lane.close(code, reason)
+            return
+        queue = self._outbox()
         if not flush:
-            while not self._queue.empty():
-                self._queue.get_nowait()
+            while not queue.empty():
+                queue.get_nowait()
             self._queued_bytes = 0
         if error is not None:
             text = m.encode(m.error(error))
             self._queued_bytes += len(text)  # the writer takes it off again
-            self._queue.put_nowait(text)
-        self._queue.put_nowait(_Close(code, reason))
+            queue.put_nowait(text)
+        queue.put_nowait(_Close(code, reason))
+        if self.lane is not None:  # the close itself goes through ASGI, so a writer does it
+            self.start_writer()
+
+    def start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = asyncio.create_task(self.run_writer())
+
+    def cancel_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+
+    async def stop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
 
     async def run_writer(self) -> None:
+        assert self.ws is not None  # only a detached peer has none, and it has no writer
         try:
             while True:
-                item = await self._queue.get()
+                item = await self._outbox().get()
                 if isinstance(item, _Close):
                     await self.ws.close(item.code, item.reason)
                     return
@@ -111,22 +177,29 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     return origin is None or "*" in allowed or origin in allowed
 
 
+_MESSAGE_KEYS = {kind: f"messages.{kind}" for kind in ("join", "signal", "ping")}
+
+
 class Hub:
     """Rooms -> peers of this process, and the rules for joining and relaying."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store: RoomStore | None = None  # set by the app's lifespan
+        self.store: RoomCache | None = None  # set by the app's lifespan
         self.secret = ""  # TURN REST API secret, set by the app's lifespan
         # check_settings guarantees --public-host is a host name or IP.
         self._public_host = url_host(settings.public_host) if settings.public_host else None
         self.rooms: dict[str, dict[str, Connection]] = {}
         self.connections: set[Connection] = set()
         self.closing = False
+        self._all_gone = asyncio.Event()  # set when closing and the last connection is gone
         self._per_address: Counter[str] = Counter()
         self._room_failures = SlidingWindow(settings.pin_attempts, settings.pin_lockout)
         self._address_failures = SlidingWindow(settings.pin_attempts, settings.pin_lockout)
         self._pins_pending: Counter[str] = Counter()  # PIN checks in flight, per room and address
+        # Counters for /metrics (docs/operations.md): "messages.<type>", "join_failures.<code>",
+        # "pin_lockouts". Flat keys, read at scrape time; only ever incremented.
+        self.counts: Counter[str] = Counter()
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -135,6 +208,7 @@ class Hub:
             "connections": len(self.connections),
             "rooms": len(self.rooms),
             "peers": sum(len(peers) for peers in self.rooms.values()),
+            **self.counts,
         }
 
     def active_rooms(self) -> list[str]:
@@ -150,11 +224,9 @@ class Hub:
         conns = list(self.connections)
         for conn in conns:
             conn.close(m.CLOSE_GOING_AWAY, "server shutting down", flush=False)
-        waits = [asyncio.create_task(conn.finished.wait()) for conn in conns]
-        if waits:
-            _, pending = await asyncio.wait(waits, timeout=5.0)
-            for task in pending:
-                task.cancel()
+        if conns:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_gone.wait(), 5.0)
 
     # -- the endpoint ------------------------------------------------------------------------
 
@@ -165,9 +237,11 @@ class Hub:
         await ws.accept()
         loop = asyncio.get_running_loop()
         address = client_address(ws)
-        conn = Connection(ws, address, self.settings, loop.time())
-        writer = asyncio.create_task(conn.run_writer())
-        counted = False
+        lane: Lane | None = ws.scope.get("extensions", {}).get(LANE)
+        conn = Connection(ws, address, self.settings, loop.time(), lane)
+        if lane is None:
+            conn.start_writer()
+        detached = False
         try:
             if self.closing:
                 conn.close(m.CLOSE_GOING_AWAY, "server shutting down")
@@ -176,71 +250,113 @@ class Hub:
             else:
                 self._per_address[address] += 1
                 self.connections.add(conn)
-                counted = True
-            await self._read(conn, ws.path_params["room_id"])
+                conn.counted = True
+            detached = await self._read(conn, ws, ws.path_params["room_id"])
         finally:
-            self._leave(conn)
-            if counted:
-                self.connections.discard(conn)
-                self._per_address[address] -= 1
-                if self._per_address[address] <= 0:
-                    del self._per_address[address]
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
-            conn.finished.set()
+            if not detached:
+                self._release(conn)
+                await conn.stop_writer()
 
-    async def _read(self, conn: Connection, room_id: str) -> None:
-        """Read frames until the client disconnects (which also follows any close we send)."""
+    def _release(self, conn: Connection) -> None:
+        """The connection is gone: out of its room, out of the counts (once)."""
+        if conn.lane is not None:
+            conn.lane.set_handler(None)
+        self._leave(conn)
+        if conn.counted:
+            conn.counted = False
+            self.connections.discard(conn)
+            self._per_address[conn.address] -= 1
+            if self._per_address[conn.address] <= 0:
+                del self._per_address[conn.address]
+            if self.closing and not self.connections:
+                self._all_gone.set()
+
+    def _lost(self, conn: Connection) -> None:
+        """A detached connection is gone (the protocol says so)."""
+        self._release(conn)
+        conn.cancel_writer()
+
+    async def _read(self, conn: Connection, ws: WebSocket, room_id: str) -> bool:
+        """Read frames until the client disconnects (which also follows any close we send);
+        True instead if the peer has joined and its lane took over (see wsserver.Lane)."""
         loop = asyncio.get_running_loop()
         join_deadline = loop.time() + self.settings.ws_join_timeout
         while True:
+            lane = conn.lane
+            if (
+                lane is not None
+                and conn.peer_id is not None
+                and not conn.dead
+                and lane.detach(functools.partial(self._lost, conn))
+            ):
+                conn.detached, conn.ws = True, None
+                # A joined peer needs no task: an idle one costs a few KB less (bench/README.md).
+                return True
             try:
                 if conn.peer_id is not None or conn.dead:
-                    message = await conn.ws.receive()
+                    message = await ws.receive()
                 else:
                     async with asyncio.timeout_at(join_deadline):
-                        message = await conn.ws.receive()
+                        message = await ws.receive()
             except TimeoutError:
                 self._fatal(conn, m.JOIN_TIMEOUT)
                 continue
             if message["type"] == "websocket.disconnect":
-                return
+                return False
             if conn.dead:
                 continue
             try:
-                await self._on_frame(conn, room_id, message)
+                join = self._on_frame(conn, room_id, message.get("text"), message.get("bytes"))
+                if join is not None:
+                    await join
+                    join = None  # a finished coroutine still holds its frame's memory
             except Exception:  # a fault of ours (say, the database): close this peer cleanly
-                log.exception("signaling fault")
-                conn.close(m.CLOSE_INTERNAL_ERROR, "internal error")
-                self._leave(conn)
+                self._fault(conn)
 
-    async def _on_frame(
-        self, conn: Connection, room_id: str, frame: MutableMapping[str, Any]
-    ) -> None:
-        text: str | None = frame.get("text")
+    def _on_lane_frame(self, conn: Connection, text: str | None, data: bytes | None) -> None:
+        """A frame of a joined peer, straight from the protocol (no task in between)."""
+        if conn.dead or conn.room_id is None:
+            return
+        try:
+            join = self._on_frame(conn, conn.room_id, text, data)
+            assert join is None  # a joined peer's join is answered at once
+        except Exception:
+            self._fault(conn)
+
+    def _fault(self, conn: Connection) -> None:
+        log.exception("signaling fault")
+        conn.close(m.CLOSE_INTERNAL_ERROR, "internal error")
+        self._leave(conn)
+
+    def _on_frame(
+        self, conn: Connection, room_id: str, text: str | None, data: bytes | None
+    ) -> Coroutine[Any, Any, None] | None:
+        """Handle one frame; only a join has to wait for something, and is returned to await."""
         if text is not None:  # isascii() is O(1): most frames need no UTF-8 copy to be measured
             size = len(text) if text.isascii() else len(text.encode())
         else:
-            size = len(frame.get("bytes") or b"")
+            size = len(data or b"")
         limit = self.settings.ws_max_message
         if not conn.bucket.take(asyncio.get_running_loop().time()):
-            return self._reject(conn, m.RATE_LIMITED)
+            return self._refuse(conn, m.RATE_LIMITED)
         if size > limit:
-            return self._reject(conn, m.TOO_LARGE, f"message of {size} bytes, limit {limit}")
+            return self._refuse(conn, m.TOO_LARGE, f"message of {size} bytes, limit {limit}")
         if text is None:
-            return self._reject(conn, m.BAD_MESSAGE, "binary frames are not accepted")
+            return self._refuse(conn, m.BAD_MESSAGE, "binary frames are not accepted")
         try:
             message = m.parse(text)
         except m.BadMessage as exc:
-            return self._reject(conn, m.BAD_MESSAGE, str(exc))
+            return self._refuse(conn, m.BAD_MESSAGE, str(exc))
         kind = message["type"]
+        self.counts[_MESSAGE_KEYS.get(kind, "messages.invalid")] += 1
         if kind == "signal":
-            return self._signal(conn, message)
+            return self._signal(conn, message, text)
         if kind == "ping":
             return self._deliver(conn, {"type": "pong"})
         if kind == "join":
-            return await self._join(conn, room_id, message)
+            if conn.peer_id is not None:
+                return self._reject(conn, m.BAD_MESSAGE, "already joined")
+            return self._join(conn, room_id, message)
         return self._reject(conn, m.BAD_MESSAGE, "unknown message type")
 
     # -- joining -----------------------------------------------------------------------------
@@ -268,31 +384,35 @@ class Hub:
                     del self._pins_pending[key]
         if ok:
             return None
-        self._room_failures.hit(room.id, loop.time())
-        self._address_failures.hit(conn.address, loop.time())
+        now = loop.time()
+        for failures, key in (
+            (self._room_failures, room.id),
+            (self._address_failures, conn.address),
+        ):
+            failures.hit(key, now)
+            if failures.count(key, now) == self.settings.pin_attempts:
+                self.counts["pin_lockouts"] += 1  # this wrong PIN locks the room or address out
         return m.WRONG_PIN
 
     async def _join(self, conn: Connection, room_id: str, message: dict[str, Any]) -> None:
-        if conn.peer_id is not None:
-            return self._reject(conn, m.BAD_MESSAGE, "already joined")
         pin = message.get("pin")
         if pin is not None and not isinstance(pin, str):
             return self._reject(conn, m.BAD_MESSAGE, '"pin" must be a string')
         room = await self._store().get(room_id, time.time())
         if room is None:
-            return self._fatal(conn, m.ROOM_NOT_FOUND)
+            return self._join_failed(conn, m.ROOM_NOT_FOUND)
         if room.has_pin:
             if not pin:
-                return self._fatal(conn, m.PIN_REQUIRED)
+                return self._join_failed(conn, m.PIN_REQUIRED)
             failure = await self._check_pin(conn, room, pin)
             if failure is not None:
-                return self._fatal(conn, failure)
+                return self._join_failed(conn, failure)
         if conn.dead or self.closing:
             return
         # No await from here until the peer is in the room: the capacity check cannot race.
         peers = self.rooms.setdefault(room.id, {})
         if len(peers) >= room.max_peers:
-            return self._fatal(conn, m.ROOM_FULL)
+            return self._join_failed(conn, m.ROOM_FULL)
         peer_id = secrets.token_urlsafe(9)
         others = list(peers.values())
         peers[peer_id] = conn
@@ -303,18 +423,22 @@ class Hub:
             "peerId": peer_id,
             "peers": [other.peer_id for other in others],
             "iceServers": ice_servers(
-                self.settings, self._ice_host(conn.ws), self.secret, peer_id, time.time()
+                self.settings, self._ice_host(conn), self.secret, peer_id, time.time()
             ),
             # A private room's peers gather relay candidates only (docs/web.md, private rooms).
             "iceTransportPolicy": "relay" if room.private else "all",
         }
         self._deliver(conn, welcome)
         self._broadcast(others, {"type": "peer-joined", "peerId": peer_id})
+        if conn.lane is not None and not conn.dead:
+            conn.lane.set_handler(functools.partial(self._on_lane_frame, conn))
         await self._store().touch([room.id], time.time())
 
-    def _ice_host(self, ws: WebSocket) -> str:
+    def _ice_host(self, conn: Connection) -> str:
         if self._public_host is not None:
             return self._public_host
+        ws = conn.ws
+        assert ws is not None  # joining: not detached yet
         host = host_from_header(ws.headers.get("host", ""))
         if host is None:  # no usable Host header: the address the client reached us on
             server = ws.scope.get("server")
@@ -323,7 +447,7 @@ class Hub:
 
     # -- relaying ----------------------------------------------------------------------------
 
-    def _signal(self, conn: Connection, message: dict[str, Any]) -> None:
+    def _signal(self, conn: Connection, message: dict[str, Any], text: str | None = None) -> None:
         if conn.peer_id is None or conn.room_id is None:
             return self._reject(conn, m.BAD_MESSAGE, "join first")
         to = message.get("to")
@@ -335,10 +459,11 @@ class Hub:
         if target is None or target is conn:
             return self._reject(conn, m.UNKNOWN_PEER)
         try:  # json.dumps recurses deeper than json.loads did: data parsed may not encode
-            text = m.encode({"type": "signal", "from": conn.peer_id, "data": message["data"]})
+            data_text = m.signal_data_text(text, message) if text is not None else None
+            relayed = m.encode_signal(conn.peer_id, message["data"], data_text)
         except RecursionError:
             return self._reject(conn, m.BAD_MESSAGE, "nested too deeply")
-        self._deliver(target, text)
+        self._deliver(target, relayed)
 
     def _broadcast(self, conns: list[Connection], message: dict[str, Any]) -> None:
         text = m.encode(message)  # once, not once per recipient
@@ -348,6 +473,15 @@ class Hub:
     def _deliver(self, conn: Connection, message: dict[str, Any] | str) -> None:
         if not conn.send(message):
             self._fatal(conn, m.TOO_SLOW, flush=False)
+
+    def _refuse(self, conn: Connection, code: m.ErrorCode, detail: str | None = None) -> None:
+        """A frame refused before it could be read as a message: counted as invalid."""
+        self.counts["messages.invalid"] += 1
+        self._reject(conn, code, detail)
+
+    def _join_failed(self, conn: Connection, code: m.ErrorCode) -> None:
+        self.counts[f"join_failures.{code.code}"] += 1
+        self._fatal(conn, code)
 
     def _reject(self, conn: Connection, code: m.ErrorCode, detail: str | None = None) -> None:
         """Answer a non-fatal error; a peer that keeps causing them is closed."""
@@ -374,7 +508,7 @@ class Hub:
         elif not self.closing:
             self._broadcast(list(peers.values()), {"type": "peer-left", "peerId": conn.peer_id})
 
-    def _store(self) -> RoomStore:
+    def _store(self) -> RoomCache:
         if self.store is None:
             raise RuntimeError("room store not open (lifespan not started)")
         return self.store

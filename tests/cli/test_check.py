@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
-from realtools import need_netns_firewall
+from netns import need_netns, run_in_netns
 from serverlog import TIMEOUT, Server
 from tlskit import self_signed
 
@@ -102,19 +101,8 @@ async def test_check_blames_a_wrong_external_ip(tmp_path: Path) -> None:
 
 def test_check_says_when_udp_to_the_turn_port_is_blocked(tmp_path: Path) -> None:
     """In a network namespace of its own, a firewall drops UDP to 3478; TCP still works."""
-    need_netns_firewall()
-    script = (
-        "ip link set lo up && iptables -A INPUT -p udp --dport 3478 -j DROP && "
-        f'exec "{sys.executable}" "{HERE / "blocked_check.py"}" "{tmp_path}"'
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
-    result = subprocess.run(
-        ["unshare", "--net", "--fork", "--kill-child", "--", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=env,
-    )
+    need_netns(firewall=True)
+    result = run_in_netns(HERE / "blocked_check.py", str(tmp_path), drop_udp_to=3478, timeout=180)
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     lines = output.splitlines()

@@ -123,6 +123,9 @@ async def test_metrics_count_real_traffic(tmp_path: Path) -> None:
     assert http("/check-chat/{room_id}", "GET", "404") == 1  # a template, never a room id
     assert http("other", "GET", "404") == 1
     assert http("/metrics", "GET", "200") >= 1
+    assert value(after, "p2pserver_create_chat_total", result="created") == 1
+    assert value(after, "p2pserver_signaling_messages_total", type="join") == 1
+    assert value(after, "p2pserver_signaling_join_failures_total", reason="wrong-pin") == 1
     assert value(after, "process_resident_memory_bytes") > 0
 
 
@@ -135,3 +138,29 @@ async def test_metrics_refused_to_addresses_not_allowed(tmp_path: Path) -> None:
         assert server.stop() == 0
     assert response.status_code == 403
     assert response.json()["error"] == "forbidden"
+
+
+async def test_metrics_count_pin_lockouts_and_refused_frames(tmp_path: Path) -> None:
+    server, base, _ = await start(tmp_path, "--pin-attempts", "2")
+    try:
+        async with httpx.AsyncClient(base_url=base, timeout=TIMEOUT) as http:
+            room = (await http.post("/create-chat", json={"withPin": True})).json()
+            wrong = f"{(int(room['pin']) + 1) % 1_000_000:06d}"
+            codes = []
+            for _ in range(3):
+                async with websockets.connect(f"ws://{base[7:]}/ws/{room['roomId']}") as ws:
+                    await ws.send("not json")  # refused, not fatal: counted as invalid
+                    assert json.loads(await ws.recv())["code"] == "bad-message"
+                    await ws.send(json.dumps({"type": "join", "pin": wrong}))
+                    codes.append(json.loads(await ws.recv())["code"])
+            samples = parse((await http.get("/metrics")).text)
+    finally:
+        assert server.stop() == 0
+    assert codes == ["wrong-pin", "wrong-pin", "too-many-attempts"]
+    # The second wrong PIN reached the limit for the room and for the address: two lock-outs.
+    assert value(samples, "p2pserver_pin_lockouts_total") == 2
+    assert value(samples, "p2pserver_signaling_messages_total", type="invalid") == 3
+    assert value(samples, "p2pserver_signaling_messages_total", type="join") == 3
+    assert value(samples, "p2pserver_signaling_join_failures_total", reason="wrong-pin") == 2
+    failures = value(samples, "p2pserver_signaling_join_failures_total", reason="too-many-attempts")
+    assert failures == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
@@ -205,3 +206,26 @@ def test_ice_servers_add_turns_with_tls() -> None:
     settings = Settings(tls_cert="c.pem", tls_key="k.pem", tls_port=5350)
     urls = ice_servers(settings, "example.org", "s", "p", now=0.0)[1]["urls"]
     assert "turns:example.org:5350?transport=tcp" in urls
+
+
+async def test_concurrent_joins_and_touches_share_one_connection(tmp_path: Path) -> None:
+    # What joins do (a get, then a touch), hundreds at a time, plus the sweeper's batches. This
+    # used to fail now and then with sqlite3.InterfaceError (SQLITE_MISUSE): see RoomStore.
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=3600)
+    now = 1000.0
+    ids = [(await store.create(with_pin=False, max_peers=2, now=now))[0] for _ in range(20)]
+
+    async def join(i: int) -> bool:
+        room = await store.get(ids[i % len(ids)], now + i)
+        assert room is not None
+        await store.touch([room.id], now + i)
+        return True
+
+    try:
+        for _ in range(10):
+            joins = [join(i) for i in range(400)]
+            results = await asyncio.gather(*joins, store.touch(ids, now), store.sweep(now))
+            assert results[:-2] == [True] * 400
+        assert await store.count() == 20
+    finally:
+        await store.close()

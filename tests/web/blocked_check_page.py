@@ -10,36 +10,15 @@ Screenshots at 1280 and 360 px wide go to ARTIFACTS. Exits non-zero when a step 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import signal
-import subprocess
 import sys
-import time
-import urllib.request
+from pathlib import Path
 
 from browserkit import ARTIFACTS, CHROMIUM_ARGS, need_browser
 from playwright.sync_api import Page, expect, sync_playwright
 
-URL = "http://127.0.0.1:3000"
+from netns import URL, start_server
+
 TIMEOUT = 90_000  # the page's own bounds are 10 s and 45 s; this is for a slow, shared machine
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphan if we are killed
-
-
-def _wait_healthy(server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert server.poll() is None, f"p2pserver exited with {server.returncode}"
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"{URL}/healthz", timeout=2) as response,
-        ):
-            if response.status == 200:
-                return
-        assert time.monotonic() < deadline, "p2pserver not healthy in 60 s"
-        time.sleep(0.1)
 
 
 def show(page: Page, when: str) -> None:
@@ -55,15 +34,8 @@ def show(page: Page, when: str) -> None:
 
 
 def main(workdir: str) -> int:
-    server = subprocess.Popen(
-        [sys.executable, "-m", "p2pserver", "--allow-peer", "127.0.0.0/8", "--no-self-test"],
-        cwd=workdir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
-    )
+    server = start_server(Path(workdir), "--allow-peer", "127.0.0.0/8", "--no-self-test")
     try:
-        _wait_healthy(server)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=need_browser(), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 900})

@@ -8,39 +8,18 @@ Prints what each page shows; exits non-zero (with screenshots in ARTIFACTS) when
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import re
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 from browserkit import ARTIFACTS, CHROMIUM_ARGS, need_browser
 from playwright.sync_api import Page, expect, sync_playwright
 
+from netns import start_server
+
 URL = "http://localhost:3000"
 TIMEOUT = 30_000
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphan if we are killed
-
-
-def _wait_healthy(server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        assert server.poll() is None, "p2pserver exited"
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"{URL}/healthz", timeout=2) as response,
-        ):
-            if response.status == 200:
-                return
-        assert time.monotonic() < deadline, "p2pserver not healthy in 60 s"
-        time.sleep(0.1)
 
 
 def run(pages: dict[str, Page]) -> None:
@@ -65,19 +44,11 @@ def run(pages: dict[str, Page]) -> None:
 
 
 def main() -> int:
-    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     workdir = Path(tempfile.mkdtemp(prefix="quickstart-"))
-    with (workdir / "server.log").open("wb") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "p2pserver"],  # every default; the database lands in cwd
-            cwd=workdir,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-        )
+    # Every default; the database lands in the working directory.
+    server = start_server(workdir, log=workdir / "server.log")
     pages: dict[str, Page] = {}
     try:
-        _wait_healthy(server)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=need_browser(), args=CHROMIUM_ARGS)
             try:

@@ -9,16 +9,13 @@ Screenshots at 1280 and 360 px wide go to test-artifacts/ on every run.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
-from realtools import need_netns_firewall
+from netns import need_netns, run_in_netns
 
 from .browserkit import ARTIFACTS, OpenPerson, ServerFactory, ServerProcess, need_browser
 
@@ -110,21 +107,8 @@ def test_check_page_says_no_relay_when_nothing_comes_through_it(
 
 def test_check_page_says_only_through_the_relay_when_udp_is_blocked(tmp_path: Path) -> None:
     """In a network namespace of its own, a firewall drops UDP to 3478; TCP still works."""
-    need_netns_firewall()
-    script = (
-        "ip link set lo up && iptables -A INPUT -p udp --dport 3478 -j DROP && "
-        f'exec "{sys.executable}" "{HERE / "blocked_check_page.py"}" "{tmp_path}"'
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
-    env["PYTHONPATH"] = str(HERE.parent)  # for realtools, as pytest's pythonpath gives the tests
-    # --fork --kill-child: if this test times out, nothing is left running in the namespace.
-    result = subprocess.run(
-        ["unshare", "--net", "--fork", "--kill-child", "--", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    need_netns(firewall=True)
+    result = run_in_netns(HERE / "blocked_check_page.py", str(tmp_path), drop_udp_to=3478)
     output = f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
     assert result.returncode == 0, output
     lines = result.stdout.splitlines()
