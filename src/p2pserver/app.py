@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -25,6 +26,7 @@ from starlette.websockets import WebSocket
 
 from p2pserver.config import Settings
 from p2pserver.ice import url_host
+from p2pserver.metrics import HttpMetrics, Metrics
 from p2pserver.ratelimit import SlidingWindow
 from p2pserver.roomcache import RoomCache
 from p2pserver.rooms import RoomStore
@@ -117,7 +119,17 @@ async def _read_body(request: Request) -> bytes | None:
     return b"".join(chunks)
 
 
+_CREATE_RESULTS = {200: "created", 429: "rate-limited", 400: "bad-request", 413: "bad-request"}
+
+
 async def create_chat(request: Request) -> Response:
+    response = await _create_chat(request)
+    metrics: Metrics = request.app.state.metrics
+    metrics.create_chat.labels(_CREATE_RESULTS.get(response.status_code, "error")).inc()
+    return response
+
+
+async def _create_chat(request: Request) -> Response:
     settings: Settings = request.app.state.settings
     limiter: SlidingWindow = request.app.state.create_limiter
     body = await _read_body(request)
@@ -179,6 +191,14 @@ async def healthz(request: Request) -> Response:
             body["turn"]["selfTest"] = turn.self_test.report()
     body["status"] = "ok" if db_ok and turn_ok else "down"
     return JSONResponse(body, 200 if db_ok and turn_ok else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus metrics, for the addresses --metrics-allow lists (docs/operations.md)."""
+    metrics: Metrics = request.app.state.metrics
+    if not metrics.allowed(request.client.host if request.client else None):
+        return _error(403, "forbidden", "metrics are not served to this address (--metrics-allow)")
+    return Response(metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 class WebFiles(StaticFiles):
@@ -299,26 +319,30 @@ def create_app(settings: Settings) -> Starlette:
             hub.store = None
             await store.close()
 
+    metrics = Metrics(settings.metrics_allow)
+    routes = [
+        Route("/create-chat", create_chat, methods=["POST"]),
+        Route("/check-chat/{room_id}", check_chat, methods=["GET"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        # /ws/{room_id}: signaling, dispatched by App itself.
+        # The web client: its page at / and its scripts and styles under /static/. (A mount at
+        # / would answer every unknown path itself, and GET /create-chat with 404, not 405.)
+        Route("/", index, methods=["GET", "HEAD"]),
+        Route("/check", check_page, methods=["GET", "HEAD"]),
+        Mount("/static", WebFiles(directory=WEB_DIR), name="static"),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+    ]
     app = App(
-        routes=[
-            Route("/create-chat", create_chat, methods=["POST"]),
-            Route("/check-chat/{room_id}", check_chat, methods=["GET"]),
-            Route("/healthz", healthz, methods=["GET"]),
-            # /ws/{room_id}: signaling, dispatched by App itself.
-            # The web client: its page at / and its scripts and styles under /static/. (A mount at
-            # / would answer every unknown path itself, and GET /create-chat with 404, not 405.)
-            Route("/", index, methods=["GET", "HEAD"]),
-            Route("/check", check_page, methods=["GET", "HEAD"]),
-            Mount("/static", WebFiles(directory=WEB_DIR), name="static"),
-        ],
+        routes=routes,
         middleware=[
+            Middleware(HttpMetrics, metrics=metrics, routes=routes),
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),
                 allow_methods=["GET", "POST"],
                 allow_headers=["Content-Type"],
                 allow_credentials=False,
-            )
+            ),
         ],
         exception_handlers={HTTPException: _http_error, Exception: _server_error},
         lifespan=lifespan,
@@ -326,5 +350,8 @@ def create_app(settings: Settings) -> Starlette:
     app.state.settings = settings
     app.state.hub = hub
     app.state.turn = None
+    app.state.metrics = metrics
+    metrics.turn = lambda: app.state.turn.stats() if app.state.turn is not None else None
+    metrics.signaling = hub.stats
     app.state.create_limiter = SlidingWindow(settings.rooms_per_minute, 60.0)
     return app

@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--pin-lockout", type=_duration, default=d.pin_lockout, help="PIN lock-out window (300s)"
     )
     http.add_argument(
+        "--metrics-allow",
+        dest="metrics_allow",
+        action="append",
+        type=_network,
+        help="CIDR allowed to read /metrics, repeatable (default: 127.0.0.0/8 and ::1)",
+    )
+    http.add_argument(
         "--health-file",
         default=None,
         help="write the /healthz URL here once listening (the container's HEALTHCHECK reads it)",
@@ -270,6 +277,7 @@ def parse_settings(
     if len(families) != len(set(families)):
         parser.error("--relay-ip: at most one IPv4 and one IPv6 address")
     values["cors_origins"] = tuple(values["cors_origins"] or ("*",))
+    values["metrics_allow"] = tuple(values["metrics_allow"] or Settings().metrics_allow)
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         parser.error("--tls-cert and --tls-key go together")
     if not values["http"] and not values["turn"]:

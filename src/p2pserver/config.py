@@ -63,6 +63,12 @@ class Settings:
     # off); servers embedded in other programs and tests start without it.
     self_test: bool = False
 
+    # Who may read GET /metrics (docs/operations.md): loopback unless --metrics-allow says more.
+    metrics_allow: tuple[IPNetwork, ...] = (
+        ipaddress.ip_network("127.0.0.0/8"),
+        ipaddress.ip_network("::1/128"),
+    )
+
     log_level: str = "info"
     log_format: str = "text"  # or "json": one object per line (docs/operations.md)
     ready_file: str | None = None  # where the bound ports are written once all listen

@@ -177,6 +177,9 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     return origin is None or "*" in allowed or origin in allowed
 
 
+_MESSAGE_KEYS = {kind: f"messages.{kind}" for kind in ("join", "signal", "ping")}
+
+
 class Hub:
     """Rooms -> peers of this process, and the rules for joining and relaying."""
 
@@ -194,6 +197,9 @@ class Hub:
         self._room_failures = SlidingWindow(settings.pin_attempts, settings.pin_lockout)
         self._address_failures = SlidingWindow(settings.pin_attempts, settings.pin_lockout)
         self._pins_pending: Counter[str] = Counter()  # PIN checks in flight, per room and address
+        # Counters for /metrics (docs/operations.md): "messages.<type>", "join_failures.<code>",
+        # "pin_lockouts". Flat keys, read at scrape time; only ever incremented.
+        self.counts: Counter[str] = Counter()
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -202,6 +208,7 @@ class Hub:
             "connections": len(self.connections),
             "rooms": len(self.rooms),
             "peers": sum(len(peers) for peers in self.rooms.values()),
+            **self.counts,
         }
 
     def active_rooms(self) -> list[str]:
@@ -331,16 +338,17 @@ class Hub:
             size = len(data or b"")
         limit = self.settings.ws_max_message
         if not conn.bucket.take(asyncio.get_running_loop().time()):
-            return self._reject(conn, m.RATE_LIMITED)
+            return self._refuse(conn, m.RATE_LIMITED)
         if size > limit:
-            return self._reject(conn, m.TOO_LARGE, f"message of {size} bytes, limit {limit}")
+            return self._refuse(conn, m.TOO_LARGE, f"message of {size} bytes, limit {limit}")
         if text is None:
-            return self._reject(conn, m.BAD_MESSAGE, "binary frames are not accepted")
+            return self._refuse(conn, m.BAD_MESSAGE, "binary frames are not accepted")
         try:
             message = m.parse(text)
         except m.BadMessage as exc:
-            return self._reject(conn, m.BAD_MESSAGE, str(exc))
+            return self._refuse(conn, m.BAD_MESSAGE, str(exc))
         kind = message["type"]
+        self.counts[_MESSAGE_KEYS.get(kind, "messages.invalid")] += 1
         if kind == "signal":
             return self._signal(conn, message, text)
         if kind == "ping":
@@ -376,8 +384,14 @@ class Hub:
                     del self._pins_pending[key]
         if ok:
             return None
-        self._room_failures.hit(room.id, loop.time())
-        self._address_failures.hit(conn.address, loop.time())
+        now = loop.time()
+        for failures, key in (
+            (self._room_failures, room.id),
+            (self._address_failures, conn.address),
+        ):
+            failures.hit(key, now)
+            if failures.count(key, now) == self.settings.pin_attempts:
+                self.counts["pin_lockouts"] += 1  # this wrong PIN locks the room or address out
         return m.WRONG_PIN
 
     async def _join(self, conn: Connection, room_id: str, message: dict[str, Any]) -> None:
@@ -386,19 +400,19 @@ class Hub:
             return self._reject(conn, m.BAD_MESSAGE, '"pin" must be a string')
         room = await self._store().get(room_id, time.time())
         if room is None:
-            return self._fatal(conn, m.ROOM_NOT_FOUND)
+            return self._join_failed(conn, m.ROOM_NOT_FOUND)
         if room.has_pin:
             if not pin:
-                return self._fatal(conn, m.PIN_REQUIRED)
+                return self._join_failed(conn, m.PIN_REQUIRED)
             failure = await self._check_pin(conn, room, pin)
             if failure is not None:
-                return self._fatal(conn, failure)
+                return self._join_failed(conn, failure)
         if conn.dead or self.closing:
             return
         # No await from here until the peer is in the room: the capacity check cannot race.
         peers = self.rooms.setdefault(room.id, {})
         if len(peers) >= room.max_peers:
-            return self._fatal(conn, m.ROOM_FULL)
+            return self._join_failed(conn, m.ROOM_FULL)
         peer_id = secrets.token_urlsafe(9)
         others = list(peers.values())
         peers[peer_id] = conn
@@ -459,6 +473,15 @@ class Hub:
     def _deliver(self, conn: Connection, message: dict[str, Any] | str) -> None:
         if not conn.send(message):
             self._fatal(conn, m.TOO_SLOW, flush=False)
+
+    def _refuse(self, conn: Connection, code: m.ErrorCode, detail: str | None = None) -> None:
+        """A frame refused before it could be read as a message: counted as invalid."""
+        self.counts["messages.invalid"] += 1
+        self._reject(conn, code, detail)
+
+    def _join_failed(self, conn: Connection, code: m.ErrorCode) -> None:
+        self.counts[f"join_failures.{code.code}"] += 1
+        self._fatal(conn, code)
 
     def _reject(self, conn: Connection, code: m.ErrorCode, detail: str | None = None) -> None:
         """Answer a non-fatal error; a peer that keeps causing them is closed."""

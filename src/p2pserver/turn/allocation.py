@@ -113,6 +113,7 @@ class Allocation:
     peer_rcvb: int = 0
     peer_sentp: int = 0
     peer_sentb: int = 0
+    peer_denied: int = 0
 
     @property
     def relayed_address(self) -> Address:
@@ -148,6 +149,7 @@ class Allocation:
     def from_peer(self, data: bytes, peer: Address) -> None:
         """A datagram on the relay socket: to the client as ChannelData or a Data indication."""
         if peer[0] not in self.permissions or not self.permits(peer[0], peer[1]):
+            self.peer_denied += 1
             return  # RFC 8656 §11.4, docs/turn.md "Peer policy": drop silently
         number = self.peer_channels.get(peer)
         if number is not None:

@@ -79,7 +79,7 @@ class TurnCore:
             settings.user_quota, settings.max_allocations, self.stats, user_counts
         )
         self.responses = ResponseCache()
-        self.responder = stun.Responder(settings.software)
+        self.responder = stun.Responder(settings.software, on_error=self.stats.count_error)
         self.fallback_ips = dict(fallback_ips or {1: "127.0.0.1", 2: "::1"})  # see relayed_ip()
         # Requests on an existing allocation (RFC 8656 §7.3, §10, §11): 437 without one.
         self._on_allocation: dict[int, Callable[[Request, Allocation, Client, float], bytes]] = {
@@ -117,6 +117,7 @@ class TurnCore:
         if request.cls == Class.INDICATION:
             return None  # a Binding indication is a keepalive; a broken Send was dropped above
         self.stats.requests += 1
+        self.stats.count_request(request.method, client.transport)
         if request.method == Method.BINDING:
             return self.responder.success(request, {"XOR-MAPPED-ADDRESS": client.remote})
 

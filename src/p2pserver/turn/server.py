@@ -149,6 +149,7 @@ class StreamConnection(asyncio.Protocol):
             self.client = Client(self.name, remote[:2], local[:2], self._send)
             self.five_tuple = self.client.five_tuple
             self.server.connections.add(self)
+            self.core.stats.count_connection(self.name)
         except Exception:
             self._fault("a new connection failed; closed it")
 
@@ -162,6 +163,8 @@ class StreamConnection(asyncio.Protocol):
         transport = self.transport
         if transport is not None and transport.get_write_buffer_size() < TCP_MAX_BUFFERED:
             transport.write(data)
+        elif transport is not None:
+            self.core.stats.client_write_drops += 1
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -478,9 +481,14 @@ class TurnServer:
     def stats(self) -> dict[str, int]:
         """Gauges (what is alive now) and counters (only go up): docs/turn.md, "Statistics"."""
         core = self.core
+        open_now = {"tcp": 0, "tls": 0}
+        for connection in self.connections:
+            open_now[connection.name] += 1
         return {
             "allocations": len(core.table),
             "tcp_connections": len(self.connections),
+            "open.tcp": open_now["tcp"],
+            "open.tls": open_now["tls"],
             **core.stats.snapshot(core.table),
         }
 

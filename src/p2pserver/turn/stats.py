@@ -9,6 +9,7 @@ totals never go down.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Protocol
 
@@ -20,6 +21,9 @@ class Traffic(Protocol):
     peer_rcvb: int  # their payload bytes
     peer_sentp: int  # datagrams from the client, relayed to peers
     peer_sentb: int  # their payload bytes
+    peer_denied: int  # datagrams from peers without a permission, or the policy denies, dropped
+    permissions: dict
+    channels: dict
 
     @property
     def send_drops(self) -> int: ...
@@ -33,20 +37,26 @@ COUNTERS = (
     "faults",  # bugs caught in a callback (docs/turn.md, "Faults")
     "connections_reset",  # TCP/TLS connections reset before they were accepted
     "allocations_created",
+    "allocations_deleted",
     "peer_rcvp",
     "peer_rcvb",
     "peer_sentp",
     "peer_sentb",
     "peer_send_drops",  # datagrams to peers the OS refused (full buffer, ICMP error)
+    "peer_denied",  # datagrams from peers dropped: no permission, or the peer policy denies
+    "client_write_drops",  # messages to a TCP/TLS client dropped: its buffer is full
 )
 
 
 class TurnStats:
-    __slots__ = COUNTERS
+    __slots__ = (*COUNTERS, "labelled")
 
     def __init__(self) -> None:
         for name in COUNTERS:
             setattr(self, name, 0)
+        # Counts with labels in the key, flat so that worker processes' counts add up key by
+        # key: "requests.allocate.udp", "errors.401", "connections.tls" (docs/operations.md).
+        self.labelled: Counter[str] = Counter()
 
     # Declared for type checkers; __init__ sets them all to 0.
     requests: int
@@ -56,11 +66,25 @@ class TurnStats:
     faults: int
     connections_reset: int
     allocations_created: int
+    allocations_deleted: int
     peer_rcvp: int
     peer_rcvb: int
     peer_sentp: int
     peer_sentb: int
     peer_send_drops: int
+    peer_denied: int
+    client_write_drops: int
+
+    def count_request(self, method: int, transport: str) -> None:
+        self.labelled[
+            _REQUEST_KEYS.get((method, transport)) or _request_key(method, transport)
+        ] += 1
+
+    def count_error(self, code: int) -> None:
+        self.labelled[f"errors.{code}"] += 1
+
+    def count_connection(self, transport: str) -> None:
+        self.labelled[f"connections.{transport}"] += 1
 
     def retire(self, allocation: Traffic) -> None:
         """An allocation ended: keep what it relayed in the totals."""
@@ -69,14 +93,39 @@ class TurnStats:
         self.peer_sentp += allocation.peer_sentp
         self.peer_sentb += allocation.peer_sentb
         self.peer_send_drops += allocation.send_drops
+        self.peer_denied += allocation.peer_denied
+        self.allocations_deleted += 1
 
     def snapshot(self, live: Iterable[Traffic]) -> dict[str, int]:
         """Every counter, the traffic of the allocations alive now included."""
         counts = {name: getattr(self, name) for name in COUNTERS}
+        counts["permissions"] = counts["channels"] = 0  # gauges: alive now
         for allocation in live:
+            counts["permissions"] += len(allocation.permissions)
+            counts["channels"] += len(allocation.channels)
+            counts["peer_denied"] += allocation.peer_denied
             counts["peer_rcvp"] += allocation.peer_rcvp
             counts["peer_rcvb"] += allocation.peer_rcvb
             counts["peer_sentp"] += allocation.peer_sentp
             counts["peer_sentb"] += allocation.peer_sentb
             counts["peer_send_drops"] += allocation.send_drops
+        counts.update(self.labelled)
         return counts
+
+
+METHOD_NAMES = {
+    0x001: "binding",
+    0x003: "allocate",
+    0x004: "refresh",
+    0x008: "create_permission",
+    0x009: "channel_bind",
+}
+_REQUEST_KEYS: dict[tuple[int, str], str] = {}
+
+
+def _request_key(method: int, transport: str) -> str:
+    """ "requests.<method>.<transport>", made once per pair (requests are counted per message)."""
+    key = f"requests.{METHOD_NAMES.get(method, 'other')}.{transport}"
+    if len(_REQUEST_KEYS) < 64:  # methods a client may send are few; unknown ones share "other"
+        _REQUEST_KEYS[(method, transport)] = key
+    return key

@@ -14,6 +14,7 @@ from __future__ import annotations
 import binascii
 import hmac
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -375,8 +376,9 @@ class Responder:
     and FINGERPRINT when the request carried one (RFC 8489 §14.7: a client that uses it expects
     it back)."""
 
-    def __init__(self, software: str) -> None:
+    def __init__(self, software: str, on_error: Callable[[int], None] | None = None) -> None:
         self.software = software
+        self.on_error = on_error  # counts error responses by code (stats.py)
 
     def success(
         self, request: Request, attributes: dict[str, Any], key: bytes | None = None
@@ -394,6 +396,8 @@ class Responder:
         method: int = 0,
         transaction_id: bytes = b"",
     ) -> bytes:
+        if self.on_error is not None:
+            self.on_error(code)
         attrs: dict[str, Any] = {"ERROR-CODE": (code, reason or REASONS.get(code, "Error"))}
         attrs.update(attributes or {})
         if request is None:  # a request that could not be decoded: answer from its header alone
