@@ -172,14 +172,12 @@ async def healthz(request: Request) -> Response:
     else:
         workers = None
         try:
-            from p2pserver.turn.workers import TurnWorkers  # not imported with --no-turn
-
-            if isinstance(turn, TurnWorkers):  # the sum over the worker processes
-                await turn.refresh()
+            if turn is not None:
+                await turn.refresh()  # worker processes report their counts, if there are any
                 workers = turn.workers_report()
                 stats = turn.stats() if turn.running else None
             else:
-                stats = turn.stats() if turn is not None else None
+                stats = None
         except Exception:  # a broken TURN server is reported, not raised
             log.exception("TURN stats failed")
             stats = None
@@ -198,6 +196,9 @@ async def metrics_endpoint(request: Request) -> Response:
     metrics: Metrics = request.app.state.metrics
     if not metrics.allowed(request.client.host if request.client else None):
         return _error(403, "forbidden", "metrics are not served to this address (--metrics-allow)")
+    turn = request.app.state.turn
+    if turn is not None:
+        await turn.refresh()  # worker processes report their counts (a no-op with one process)
     return Response(metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

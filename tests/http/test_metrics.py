@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 from pathlib import Path
 
 import httpx
+import pytest
 import websockets
 from aioice.turn import create_turn_endpoint
 from prometheus_client.parser import text_string_to_metric_families
@@ -60,8 +63,10 @@ async def start(tmp_path: Path, *extra: str) -> tuple[Server, str, int]:
     return server, base, turn
 
 
-async def test_metrics_count_real_traffic(tmp_path: Path) -> None:
-    server, base, turn_port = await start(tmp_path)
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_metrics_count_real_traffic(tmp_path: Path, workers: str) -> None:
+    """With 2 workers the counts are the sum of the worker processes' own."""
+    server, base, turn_port = await start(tmp_path, "--turn-workers", workers)
     loop = asyncio.get_running_loop()
     echo, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
     try:
@@ -164,3 +169,43 @@ async def test_metrics_count_pin_lockouts_and_refused_frames(tmp_path: Path) -> 
     assert value(samples, "p2pserver_signaling_join_failures_total", reason="wrong-pin") == 2
     failures = value(samples, "p2pserver_signaling_join_failures_total", reason="too-many-attempts")
     assert failures == 1
+
+
+async def test_counters_do_not_go_down_when_a_worker_dies(tmp_path: Path) -> None:
+    server, base, turn_port = await start(tmp_path, "--turn-workers", "2")
+    relays = []
+    try:
+        # Allocations from several client ports: the kernel's hash spreads them over both workers.
+        for _ in range(8):
+            relay, _ = await create_turn_endpoint(
+                Inbox, server_addr=("127.0.0.1", turn_port), username="alice", password="secret"
+            )
+            relays.append(relay)
+        async with httpx.AsyncClient(base_url=base, timeout=TIMEOUT) as http:
+            workers = (await http.get("/healthz")).json()["turn"]["workers"]
+            victim = max(workers, key=lambda worker: worker["allocations"])
+            assert victim["allocations"] > 0
+            before = parse((await http.get("/metrics")).text)
+            os.kill(victim["pid"], signal.SIGKILL)
+            deadline = asyncio.get_running_loop().time() + TIMEOUT
+            while True:  # until the supervisor has noticed and restarted it
+                workers = (await http.get("/healthz")).json()["turn"]["workers"]
+                restarted = next(w for w in workers if w["worker"] == victim["worker"])
+                if restarted["restarts"] == 1 and restarted["alive"]:
+                    break
+                assert asyncio.get_running_loop().time() < deadline, workers
+                await asyncio.sleep(0.1)
+            after = parse((await http.get("/metrics")).text)
+    finally:
+        for relay in relays:
+            relay.close()
+        assert server.stop() == 0
+    counters = [
+        key
+        for key in before
+        if key[0].endswith("_total") and key[0].startswith(("turn", "p2pserver_turn"))
+    ]
+    assert value(before, "turn_new_allocation_total") == 8
+    for key in counters:  # the dead worker's counts stay in the totals
+        assert after.get(key, 0.0) >= before[key], key
+    assert value(after, "turn_total_allocations") == 8 - victim["allocations"]

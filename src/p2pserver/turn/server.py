@@ -478,6 +478,16 @@ class TurnServer:
     def port(self) -> int:
         return self.addresses[0][2]
 
+    @property
+    def running(self) -> bool:
+        return bool(self.addresses)
+
+    async def refresh(self) -> None:
+        """Nothing to gather: every count is in this process (TurnWorkers has more to do)."""
+
+    def workers_report(self) -> list[dict[str, object]] | None:
+        return None  # no worker processes: the server runs in this one
+
     def stats(self) -> dict[str, int]:
         """Gauges (what is alive now) and counters (only go up): docs/turn.md, "Statistics"."""
         core = self.core

@@ -48,6 +48,13 @@ COUNTERS = (
 )
 
 
+# Keys of a stats snapshot that say what is alive now rather than count (TurnServer.stats()):
+# a worker that dies takes them along, while its counters stay in the totals (workers.py).
+GAUGES = frozenset(
+    {"allocations", "tcp_connections", "permissions", "channels", "open.tcp", "open.tls"}
+)
+
+
 class TurnStats:
     __slots__ = (*COUNTERS, "labelled")
 

@@ -33,7 +33,7 @@ from p2pserver.config import Settings, StartupError
 from p2pserver.selftest import SelfTest
 from p2pserver.turn import quota
 from p2pserver.turn.server import Listeners, TurnServer, _os_reason
-from p2pserver.turn.stats import COUNTERS
+from p2pserver.turn.stats import COUNTERS, GAUGES
 from p2pserver.turn.worker import MESSAGE_MAX, WorkerConfig
 
 log = logging.getLogger("p2pserver.turn.workers")
@@ -341,8 +341,9 @@ class TurnWorkers:
             if self._stopping:
                 return
             lost = worker.report.get("allocations", 0)
-            for name in COUNTERS:  # what it counted stays in the totals
-                self.retired[name] += worker.report.get(name, 0)
+            for name, count in worker.report.items():  # what it counted stays in the totals
+                if name not in GAUGES:
+                    self.retired[name] = self.retired.get(name, 0) + count
             worker.report = {}
             if self._quota is not None:
                 self._quota.clear(worker.index)  # its allocations are gone
