@@ -353,6 +353,6 @@ def create_app(settings: Settings) -> Starlette:
     app.state.turn = None
     app.state.metrics = metrics
     metrics.turn = lambda: app.state.turn.stats() if app.state.turn is not None else None
-    metrics.signaling = hub.stats
+    metrics.signaling = lambda: {**hub.stats(), **hub.counts}
     app.state.create_limiter = SlidingWindow(settings.rooms_per_minute, 60.0)
     return app

@@ -208,7 +208,6 @@ class Hub:
             "connections": len(self.connections),
             "rooms": len(self.rooms),
             "peers": sum(len(peers) for peers in self.rooms.values()),
-            **self.counts,
         }
 
     def active_rooms(self) -> list[str]:
