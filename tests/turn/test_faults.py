@@ -119,8 +119,14 @@ async def one_tcp_allocation_closed(server: TurnServer) -> None:
     await wait_until(lambda: server.core.stats.faults > 0, "the fault on close")
 
 
-async def one_sweep(server: TurnServer) -> None:
-    await wait_until(lambda: server.core.stats.faults > 0, "the sweep to fail")
+async def one_timer(server: TurnServer) -> None:
+    """An Allocate leaves a cached response (RFC 8489 §6.3.4); with a short window its expiry
+    is the core's next deadline, and the loop runs the timers for it."""
+    server.core.responses.window = 0.05
+    client = await StunClient.connect(("127.0.0.1", server.port), "udp")
+    await client.login(USER, PASSWORD)
+    assert (await client.allocate()).message_class == Class.RESPONSE
+    await wait_until(lambda: server.core.stats.faults > 0, "the timer to fail")
 
 
 def break_attribute(target: object, name: str) -> Callable[[pytest.MonkeyPatch], None]:
@@ -143,7 +149,7 @@ def break_attribute(target: object, name: str) -> Callable[[pytest.MonkeyPatch],
             break_attribute(server_module.TurnCore, "drop_client"),
             one_tcp_allocation_closed,
         ),
-        ("expiry sweep", break_attribute(server_module.TurnCore, "expire"), one_sweep),
+        ("expiry timer", break_attribute(server_module.TurnCore, "handle_timers"), one_timer),
     ],
     ids=["relay-read", "connection-made", "connection-lost", "timer"],
 )

@@ -92,7 +92,10 @@ class RelayPorts:
         self.loop = loop
         self.on_fault = on_fault  # called from an `except` block when relaying fails
         self.families = frozenset(self.bind_ips)
+        # Token -> (socket, expiry on the monotonic clock), in the order they expire: all live
+        # RESERVATION_LIFETIME, so the first one is always the next to go.
         self.reservations: dict[bytes, tuple[socket.socket, float]] = {}
+        self.clock = time.monotonic  # the clock of TurnCore's `now`
 
     def _bind(self, family: int, port: int) -> socket.socket | None:
         af = socket.AF_INET6 if family == 2 else socket.AF_INET
@@ -137,7 +140,7 @@ class RelayPorts:
                     sock.close()
                     continue
                 token = os.urandom(8)
-                self.reservations[token] = (partner, time.time() + RESERVATION_LIFETIME)
+                self.reservations[token] = (partner, self.clock() + RESERVATION_LIFETIME)
             if dont_fragment:
                 _set_dont_fragment(sock)
             return RelaySocket(sock, self.loop, self.on_fault), token
@@ -149,9 +152,20 @@ class RelayPorts:
             return None
         return RelaySocket(entry[0], self.loop, self.on_fault)
 
+    def next_deadline(self) -> float | None:
+        for _, expires in self.reservations.values():  # the first expires first
+            return expires
+        return None
+
     def expire(self, now: float) -> None:
-        """Close reservations not taken in time (`now` is time.time(), as in TurnCore)."""
-        for token in [k for k, (_, exp) in self.reservations.items() if exp <= now]:
+        """Close reservations not taken in time (`now` is monotonic, as in TurnCore), from the
+        front: the work is what expires."""
+        due = []
+        for token, (_, expires) in self.reservations.items():
+            if expires > now:
+                break
+            due.append(token)
+        for token in due:
             self.reservations.pop(token)[0].close()
 
     def close(self) -> None:
