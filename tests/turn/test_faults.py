@@ -75,7 +75,8 @@ async def test_fault_in_the_core_is_traced_once_then_counted(
     monkeypatch.setattr(server.core, "handle", broken)
     client = await StunClient.connect(("127.0.0.1", server.port), "udp")
     for _ in range(5):
-        client.send_raw(b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12))  # a Binding request
+        # A Refresh request (a plain Binding is answered before TurnCore.handle, by hand).
+        client.send_raw(b"\x00\x04\x00\x00\x21\x12\xa4\x42" + bytes(12))
     await wait_until(lambda: server.stats()["faults"] == 5, "five faults")
     records = fault_records(caplog)
     assert len(records) == 1, records  # the first in full, the next four held back

@@ -50,6 +50,7 @@ UDP = 17  # REQUESTED-TRANSPORT protocol number (RFC 8656 §14.7)
 # 1 ms on this project's test machine, so expiry never stalls the event loop much longer.
 TIMER_BUDGET = 2000
 _SEND_INDICATION = b"\x00\x16"
+_BINDING_REQUEST = b"\x00\x01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +85,10 @@ class TurnCore:
         self.stats = TurnStats()
         self.table = AllocationTable(settings.user_quota, settings.max_allocations, self.stats)
         self.responses = ResponseCache()
-        self.responder = stun.Responder(settings.software)
+        self.responder = stun.Responder(settings.software, settings.realm)
+        self.binding = stun.BindingAnswerer(settings.software)
         self.fallback_ips = dict(fallback_ips or {1: "127.0.0.1", 2: "::1"})  # see relayed_ip()
+        self._relayed_ips: dict[tuple[str, int], str] = {}
         # Requests on an existing allocation (RFC 8656 §7.3, §10, §11): 437 without one.
         self._on_allocation: dict[int, Callable[[Request, Allocation, Client, float], bytes]] = {
             Method.REFRESH: self.refresh,
@@ -94,6 +97,14 @@ class TurnCore:
         }
 
     # --- dispatch ---------------------------------------------------------------------------
+
+    def answer_binding(self, data: bytes, remote: Address) -> bytes | None:
+        """The answer to a plain Binding request, by the fast path (stun.BindingAnswerer); None
+        for anything else, which then goes to `handle`."""
+        reply = self.binding.answer(data, remote)
+        if reply is not None:
+            self.stats.requests += 1
+        return reply
 
     def handle(
         self, data: bytes, client: Client, now: float | None = None, wall: float | None = None
@@ -110,6 +121,10 @@ class TurnCore:
         if data[:2] == _SEND_INDICATION:
             self.send_indication(data, client)
             return None
+        if data[:2] == _BINDING_REQUEST:
+            reply = self.answer_binding(data, client.remote)
+            if reply is not None:
+                return reply
         try:
             request = stun.decode(data)
         except Malformed:
@@ -175,9 +190,7 @@ class TurnCore:
         return username, key
 
     def _challenge(self, request: Request, client: Client, wall: float, code: int) -> bytes:
-        nonce = self.nonces.issue(client.remote[0], wall)
-        attrs = {"REALM": self.credentials.realm, "NONCE": nonce}
-        return self.responder.error(request, code, attributes=attrs)
+        return self.responder.challenge(request, code, self.nonces.issue(client.remote[0], wall))
 
     # --- handlers, one per method (RFC 8656 §7-§12) ----------------------------------------
 
@@ -295,6 +308,9 @@ class TurnCore:
 
         Whatever it is, it is this server's own, so the peer policy lets other allocations
         reach it (relay to relay) even when it is a private address."""
+        chosen = self._relayed_ips.get((client.local[0], family))
+        if chosen is not None:
+            return chosen
         s = self.settings
         candidates = (
             s.external_ip,
@@ -308,6 +324,8 @@ class TurnCore:
             if ip and family_of(ip) == family and not ipaddress.ip_address(ip).is_unspecified
         )
         self.policy.add_own(chosen)
+        # Settings do not change; only the listener address varies: decided once per address.
+        self._relayed_ips[(client.local[0], family)] = chosen
         return chosen
 
     def refresh(

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 1.0  # how often log counts held back by RateLimitedLog are looked at
 TIMER_FAULT_BACKOFF = 1.0  # after a fault in the timers, wait this long before trying again
+BINDING_REQUEST = b"\x00\x01"  # the first two bytes of a STUN Binding request (RFC 8489 §5)
 TCP_IDLE_TIMEOUT = 60.0  # a TCP/TLS connection that allocates nothing is closed after this
 TCP_MAX_BUFFERED = 1 << 20  # relay data for a client that does not read is dropped past this
 
@@ -112,6 +113,11 @@ class UdpListener(asyncio.DatagramProtocol):
                     allocation.from_client_channel(data)
                 return
             assert self.transport is not None
+            if data[:2] == BINDING_REQUEST:  # the commonest request, answered the short way
+                reply = self.server.core.answer_binding(data, addr)
+                if reply is not None:
+                    self.transport.sendto(reply, addr)
+                    return
             client = Client("udp", addr, self.local, partial(self.transport.sendto, addr=addr))
             reply = self.server.handle(data, client)
             if reply is not None:
