@@ -111,6 +111,9 @@ class Allocation:
     permissions: dict[str, float] = field(default_factory=dict)  # peer IP -> expiry
     channels: dict[int, Channel] = field(default_factory=dict)
     peer_channels: dict[Address, int] = field(default_factory=dict)  # peer -> channel number
+    # The relayed addresses of this process's allocations (AllocationTable.inside, shared):
+    # what is sent to one of them is delivered without a socket (deliver_inside).
+    inside: dict[Address, tuple[Allocation, bool]] = field(default_factory=dict)
     # Relayed traffic (stats.py): payload from peers to the client, and from the client out.
     peer_rcvp: int = 0
     peer_rcvb: int = 0
@@ -130,9 +133,24 @@ class Allocation:
         relay = self.relays.get(family_of(peer[0]))
         if relay is None:
             return  # no relay of the peer's family (a permission was checked for it: 443)
-        relay.sendto(payload, peer)
+        inside = self.inside.get(peer)  # relay to relay in this process (see `inside`)
+        if inside is None:
+            relay.sendto(payload, peer)
+        else:
+            self.deliver_inside(payload, relay, *inside)
         self.peer_sentp += 1
         self.peer_sentb += len(payload)
+
+    def deliver_inside(
+        self, payload: bytes, relay: Relay, target: Allocation, advertised: bool
+    ) -> None:
+        """Hand a datagram for another allocation's relayed address to it directly, as if it
+        had left `relay` and arrived there: it comes from this allocation's relayed address as
+        the target's client knows it (the advertised one, e.g. --external-ip, when that is what
+        was addressed; the bind address when that was), and passes the target's permissions,
+        peer policy and counters in `from_peer`. Synchronous, so the order is kept."""
+        source = self.relayed_addresses[relay.family] if advertised else relay.address
+        target.from_peer(payload, source)
 
     # --- the hot path -----------------------------------------------------------------------
 
@@ -144,7 +162,11 @@ class Allocation:
             return  # RFC 8656 §12.6: unbound channel or short message, discard
         if channel.peer[0] not in self.permissions:
             return  # the permission expired while the channel lived on
-        channel.relay.sendto(data[4 : 4 + length], channel.peer)
+        inside = self.inside.get(channel.peer)  # relay to relay in this process: no socket
+        if inside is None:
+            channel.relay.sendto(data[4 : 4 + length], channel.peer)
+        else:
+            self.deliver_inside(data[4 : 4 + length], channel.relay, *inside)
         self.peer_sentp += 1
         self.peer_sentb += length
 
@@ -232,6 +254,9 @@ class AllocationTable:
         self.stats = stats if stats is not None else TurnStats()
         self.by_tuple: dict[FiveTuple, Allocation] = {}
         self.per_user: Counter[str] = Counter()
+        # Relay to relay (docs/turn.md, "Relay to relay"): each relay's relayed address as
+        # clients see it (advertised, True) and its bind address when that differs (False).
+        self.inside: dict[Address, tuple[Allocation, bool]] = {}
         # Each allocation once, at the earliest deadline it has (Allocation.next_deadline).
         self._timers: DeadlineWheel[Allocation] = DeadlineWheel()
 
@@ -257,6 +282,15 @@ class AllocationTable:
         self.per_user[allocation.username] += 1
         self.stats.allocations_created += 1
         self.reschedule(allocation)
+        allocation.inside = self.inside
+        for address, advertised in _relay_addresses(allocation):
+            self.inside[address] = (allocation, advertised)
+
+    def local_relay(self, address: Address) -> Allocation | None:
+        """The allocation of this process whose relay `address` is (its relayed address as
+        clients see it, or its bind address), else None."""
+        entry = self.inside.get(address)
+        return entry[0] if entry is not None else None
 
     def reschedule(self, allocation: Allocation) -> None:
         """Call after anything that may bring an allocation's next deadline forward (a new
@@ -292,6 +326,9 @@ class AllocationTable:
         allocation = self.by_tuple.pop(five_tuple, None)
         if allocation is not None:
             self._timers.cancel(allocation)
+            for address, _ in _relay_addresses(allocation):
+                if self.inside.get(address, (None,))[0] is allocation:
+                    del self.inside[address]
             self.per_user[allocation.username] -= 1
             if self.per_user[allocation.username] <= 0:
                 del self.per_user[allocation.username]
@@ -303,3 +340,14 @@ class AllocationTable:
     def close(self) -> None:
         for five_tuple in list(self.by_tuple):
             self.remove(five_tuple)
+
+
+def _relay_addresses(allocation: Allocation) -> Iterator[tuple[Address, bool]]:
+    """(address, advertised) for each relay: the relayed address clients are told, and the
+    bind address too when it differs and is not a wildcard (nobody can address 0.0.0.0)."""
+    for family, relay in allocation.relays.items():
+        advertised = allocation.relayed_addresses[family]
+        yield advertised, True
+        bound = relay.address
+        if bound != advertised and bound[0] not in ("0.0.0.0", "::"):
+            yield bound, False
