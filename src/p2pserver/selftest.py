@@ -3,8 +3,9 @@
 Each listener (UDP, TCP, TLS) is tried over loopback, and again at the advertised address
 (`--external-ip`, else `--public-host` when it is an IP), with two allocations relaying to each
 other (turnprobe.py). Their datagrams are handed over inside the server (docs/turn.md, "Relay to
-relay"), so whether the advertised address is right shows in reaching its listeners. The leg to a plain peer is left to `p2pserver check` run from elsewhere:
-the server's own addresses are no peer the policy lets a relay reach (docs/turn.md, peer policy).
+relay"), so whether the advertised address is right shows in reaching its listeners. The leg to
+a plain peer is left to `p2pserver check` run from elsewhere: the server's own addresses are no
+peer the policy lets a relay reach (docs/turn.md, peer policy).
 The verdict is logged and reported by `/healthz` (docs/operations.md).
 """
 
@@ -92,7 +93,6 @@ class SelfTest:
             self.status = "ok"
             passed = ", ".join(f"{r.transport} via {via}" for via, r in self.results)
             log.info("relay self-test ok: %s relay to relay", passed)
-
 
     def _hint(self, via: str) -> str:
         # Relay to relay is handed over inside the server (docs/turn.md, "Relay to relay"), so
