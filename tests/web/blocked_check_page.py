@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 
-from browserkit import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS
+from browserkit import ARTIFACTS, CHROMIUM_ARGS, need_browser
 from playwright.sync_api import Page, expect, sync_playwright
 
 URL = "http://127.0.0.1:3000"
@@ -65,7 +65,7 @@ def main(workdir: str) -> int:
     try:
         _wait_healthy(server)
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+            browser = playwright.chromium.launch(executable_path=need_browser(), args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.set_default_timeout(TIMEOUT)
             try:

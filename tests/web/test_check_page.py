@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from .browserkit import ARTIFACTS, OpenPerson, ServerFactory, ServerProcess, skip_reason
+from .browserkit import ARTIFACTS, OpenPerson, ServerFactory, ServerProcess, need_browser
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -40,8 +40,7 @@ def _missing(reason: str) -> None:
 def _chromium_required() -> Iterator[None]:
     """Autouse fixtures come first: under CI a missing browser fails here, before the
     `server` and `browser` fixtures would skip."""
-    if reason := skip_reason():
-        _missing(reason)
+    need_browser()  # skips, or with CI set fails, naming what is missing (tests/realtools.py)
     yield
 
 
