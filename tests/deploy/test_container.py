@@ -270,7 +270,10 @@ def _process_uid(running: Running) -> int:
 def test_published_ports_serve_http_and_the_healthcheck(published: Published) -> None:
     status, body = _http("GET", published.url("/healthz"))
     assert status == 200 and body["status"] == "ok", body
-    assert _http("GET", published.url(f"/check-chat/{published.room}")) == (200, {"pin": False})
+    assert _http("GET", published.url(f"/check-chat/{published.room}")) == (
+        200,
+        {"pin": False, "private": False},
+    )
     _healthcheck(published)
     assert _process_uid(published) == UID
 
@@ -357,7 +360,7 @@ async def test_host_networking_follows_flags_and_keeps_the_full_relay_range(
     # The room created before the restart is still there: the volume keeps the database.
     assert _http("GET", host_network.url(f"/check-chat/{published.room}")) == (
         200,
-        {"pin": False},
+        {"pin": False, "private": False},
     )
     _healthcheck(host_network)  # --http-port was a flag; the image's variable says 3000
     assert _process_uid(host_network) == UID
