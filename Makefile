@@ -31,7 +31,9 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix src tests bench
 
 bench: $(STAMP)
-	$(BIN)/python bench/turn_relay.py
+	$(BIN)/python bench/turn_core.py
+	$(BIN)/python bench/turn_expiry.py
+	$(BIN)/python bench/turn_control.py
 
 # Needs node and npm; installs PeerJS server into a temporary folder (bench/README.md).
 bench-signaling: $(STAMP)

@@ -151,6 +151,9 @@ class _NoRelays:
     def take_reserved(self, token: bytes) -> None:
         return None
 
+    def next_deadline(self) -> float | None:
+        return None
+
     def expire(self, now: float) -> None:
         pass
 

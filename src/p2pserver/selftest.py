@@ -2,8 +2,10 @@
 
 Each listener (UDP, TCP, TLS) is tried over loopback, and again at the advertised address
 (`--external-ip`, else `--public-host` when it is an IP), with two allocations relaying to each
-other (turnprobe.py). The leg to a plain peer is left to `p2pserver check` run from elsewhere:
-the server's own addresses are no peer the policy lets a relay reach (docs/turn.md, peer policy).
+other (turnprobe.py). Their datagrams are handed over inside the server (docs/turn.md, "Relay to
+relay"), so whether the advertised address is right shows in reaching its listeners. The leg to
+a plain peer is left to `p2pserver check` run from elsewhere: the server's own addresses are no
+peer the policy lets a relay reach (docs/turn.md, peer policy).
 The verdict is logged and reported by `/healthz` (docs/operations.md).
 """
 
@@ -83,7 +85,7 @@ class SelfTest:
                 (host, port), transport, login[0], login[1], peer=False, timeout=TIMEOUT
             )
             self.results.append((via, result))
-        failed = [f"{via} {r.line()}" for via, r in self.results if not r.ok]
+        failed = [f"{via} {r.line()}{self._hint(via)}" for via, r in self.results if not r.ok]
         if failed:
             self.status, self.reason = "failed", "; ".join(failed)
             log.warning("relay self-test FAILED: %s", self.reason)
@@ -91,6 +93,14 @@ class SelfTest:
             self.status = "ok"
             passed = ", ".join(f"{r.transport} via {via}" for via, r in self.results)
             log.info("relay self-test ok: %s relay to relay", passed)
+
+    def _hint(self, via: str) -> str:
+        # Relay to relay is handed over inside the server (docs/turn.md, "Relay to relay"), so
+        # a wrong --external-ip shows only here, where the address itself is tried.
+        external = self.settings.external_ip
+        if via == "advertised" and external:
+            return f" (is --external-ip {external} this host's public address?)"
+        return ""
 
 
 def _ip_or_none(host: str | None) -> str | None:

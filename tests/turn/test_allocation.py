@@ -7,6 +7,7 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from aioice import stun as aiostun
 from aioice.stun import Class, Method
 
@@ -15,6 +16,7 @@ from p2pserver.turn.allocation import (
     CHANNEL_LIFETIME,
     PERMISSION_LIFETIME,
     Address,
+    Allocation,
     NoCapacity,
     granted_lifetime,
 )
@@ -72,6 +74,9 @@ class RecordingRelays:
     def take_reserved(self, token: bytes) -> RecordingRelay | None:
         return self.reserved.pop(token, None)
 
+    def next_deadline(self) -> float | None:
+        return None
+
     def expire(self, now: float) -> None:
         pass
 
@@ -91,6 +96,7 @@ class Harness:
             "udp", ("198.51.100.1", 5555), ("0.0.0.0", 3478), self.to_client.append
         )
         self.now = NOW
+        self.wall: float | None = None  # the Unix time, when a test drives it apart from `now`
 
     def request(
         self,
@@ -105,9 +111,10 @@ class Harness:
         message = Message(method, Class.REQUEST, txid, dict(attrs or {}))
         message.attributes["USERNAME"] = user
         message.attributes["REALM"] = "r"
-        message.attributes["NONCE"] = self.core.nonces.issue(client.remote[0], self.now)
+        wall = self.now if self.wall is None else self.wall
+        message.attributes["NONCE"] = self.core.nonces.issue(client.remote[0], wall)
         message.add_message_integrity(long_term_key(user, "r", password))
-        raw = self.core.handle(bytes(message), client, self.now)
+        raw = self.core.handle(bytes(message), client, self.now, wall)
         assert raw is not None
         return parse_message(raw)
 
@@ -246,10 +253,80 @@ def test_refresh_lifetime_and_delete() -> None:
 def test_allocation_expires() -> None:
     h = Harness()
     h.allocate()
-    h.core.expire(NOW + 599)
+    h.core.handle_timers(NOW + 599)
     assert len(h.core.table) == 1
-    h.core.expire(NOW + 600)
+    h.core.handle_timers(NOW + 600)
     assert len(h.core.table) == 0 and h.relays.opened[0].closed
+
+
+def test_wall_clock_jump_changes_no_lifetime() -> None:
+    """Lifetimes run on the monotonic clock (`now`); the wall clock (`wall`) only signs nonces
+    and REST usernames. Jumping it a day either way expires and extends nothing."""
+    h = Harness()
+    h.now, h.wall = 5000.0, NOW  # seconds since boot, and the Unix time
+    h.allocate()
+    allocation = next(iter(h.core.table))
+    bind = {"CHANNEL-NUMBER": 0x4000, "XOR-PEER-ADDRESS": PEER}
+    assert h.request(Method.CHANNEL_BIND, bind).message_class == Class.RESPONSE
+    permit = {"XOR-PEER-ADDRESS": ("1.1.1.1", 1)}
+    assert h.request(Method.CREATE_PERMISSION, permit).message_class == Class.RESPONSE
+    assert h.core.table.next_deadline() == 5000.0 + PERMISSION_LIFETIME
+    for jump in (86400.0, -86400.0):
+        h.wall = NOW + jump
+        h.core.handle_timers(5001.0)
+        assert len(h.core.table) == 1 and set(allocation.permissions) == {"8.8.8.8", "1.1.1.1"}
+        assert h.request(Method.REFRESH).attributes["LIFETIME"] == 600  # signed at the new time
+        assert allocation.expires == 5000.0 + 600  # from the monotonic clock, not the wall's
+    h.core.handle_timers(5000.0 + PERMISSION_LIFETIME - 0.5)
+    assert len(allocation.permissions) == 2
+    h.core.handle_timers(5000.0 + PERMISSION_LIFETIME)
+    assert allocation.permissions == {} and list(allocation.channels) == [0x4000]
+    h.core.handle_timers(5000.0 + CHANNEL_LIFETIME - 0.5)
+    assert len(h.core.table) == 1
+    h.core.handle_timers(5000.0 + CHANNEL_LIFETIME)
+    assert len(h.core.table) == 0 and h.core.table.next_deadline() is None
+
+
+def test_timers_touch_only_what_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Expiry work is what expires: a timer run when one allocation's permission is due looks
+    at that allocation only; refreshed permissions move back in line; a small budget leaves
+    work for the next call, and the deadline says so."""
+    h = Harness(user_quota=0)
+    clients = [
+        Client("udp", ("198.51.100.1", 6000 + i), ("0.0.0.0", 3478), h.to_client.append)
+        for i in range(20)
+    ]
+    for i, client in enumerate(clients):
+        h.now = NOW + i  # one allocation a second, each with three permissions
+        h.client = client
+        h.allocate()
+        allocation = h.core.table.get(client.five_tuple)
+        assert allocation is not None
+        for k in range(3):
+            allocation.permit(f"8.8.{i}.{k}", h.now)
+        h.core.table.reschedule(allocation)
+    looked_at: list[Any] = []
+    original = Allocation.expire_due
+
+    def counting(self: Allocation, now: float) -> int:
+        looked_at.append(self)
+        return original(self, now)
+
+    monkeypatch.setattr(Allocation, "expire_due", counting)
+    h.core.handle_timers(NOW + PERMISSION_LIFETIME - 0.5)
+    assert looked_at == []  # nothing due: nothing walked
+    first = h.core.table.get(clients[0].five_tuple)
+    assert first is not None
+    first.permit("8.8.0.0", NOW + 100)  # refreshed: now the last of its permissions to expire
+    h.core.handle_timers(NOW + PERMISSION_LIFETIME)
+    assert looked_at == [first] and list(first.permissions) == ["8.8.0.0"]
+    looked_at.clear()
+    h.core.handle_timers(NOW + PERMISSION_LIFETIME + 19, budget=5)  # 19 more are due
+    assert len(looked_at) < 19
+    deadline = h.core.next_deadline()
+    assert deadline is not None and deadline <= NOW + PERMISSION_LIFETIME + 19  # work left
+    h.core.handle_timers(NOW + PERMISSION_LIFETIME + 19)
+    assert len(looked_at) == 19 and all(len(a.permissions) == 0 for a in looked_at)
 
 
 def test_create_permission_all_or_nothing_and_expiry() -> None:
@@ -265,7 +342,7 @@ def test_create_permission_all_or_nothing_and_expiry() -> None:
     assert set(allocation.permissions) == {"8.8.8.8", "1.1.1.1"}
     assert _multi_peer_request(h, [("2001:4860::1", 1)]).error_code == 443
     assert h.request(Method.CREATE_PERMISSION).error_code == 400
-    h.core.expire(NOW + PERMISSION_LIFETIME)
+    h.core.handle_timers(NOW + PERMISSION_LIFETIME)
     assert allocation.permissions == {}
 
 
@@ -324,7 +401,7 @@ def test_channel_bind_rules() -> None:
     assert bind(0x4001, PEER).error_code == 400  # peer bound to another channel
     assert bind(0x4001, ("8.8.8.8", 4001)).message_class == Class.RESPONSE  # other port is fine
     h.request(Method.REFRESH, {"LIFETIME": 3600})  # keep the allocation past its channels
-    h.core.expire(NOW + CHANNEL_LIFETIME)
+    h.core.handle_timers(NOW + CHANNEL_LIFETIME)
     assert allocation.channels == {} and allocation.peer_channels == {}
     h.now = NOW + CHANNEL_LIFETIME  # nonces follow the clock
     assert bind(0x4000, ("8.8.4.4", 1)).message_class == Class.RESPONSE  # free again

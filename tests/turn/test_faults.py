@@ -75,7 +75,8 @@ async def test_fault_in_the_core_is_traced_once_then_counted(
     monkeypatch.setattr(server.core, "handle", broken)
     client = await StunClient.connect(("127.0.0.1", server.port), "udp")
     for _ in range(5):
-        client.send_raw(b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12))  # a Binding request
+        # A Refresh request (a plain Binding is answered before TurnCore.handle, by hand).
+        client.send_raw(b"\x00\x04\x00\x00\x21\x12\xa4\x42" + bytes(12))
     await wait_until(lambda: server.stats()["faults"] == 5, "five faults")
     records = fault_records(caplog)
     assert len(records) == 1, records  # the first in full, the next four held back
@@ -119,8 +120,14 @@ async def one_tcp_allocation_closed(server: TurnServer) -> None:
     await wait_until(lambda: server.core.stats.faults > 0, "the fault on close")
 
 
-async def one_sweep(server: TurnServer) -> None:
-    await wait_until(lambda: server.core.stats.faults > 0, "the sweep to fail")
+async def one_timer(server: TurnServer) -> None:
+    """An Allocate leaves a cached response (RFC 8489 §6.3.4); with a short window its expiry
+    is the core's next deadline, and the loop runs the timers for it."""
+    server.core.responses.window = 0.05
+    client = await StunClient.connect(("127.0.0.1", server.port), "udp")
+    await client.login(USER, PASSWORD)
+    assert (await client.allocate()).message_class == Class.RESPONSE
+    await wait_until(lambda: server.core.stats.faults > 0, "the timer to fail")
 
 
 def break_attribute(target: object, name: str) -> Callable[[pytest.MonkeyPatch], None]:
@@ -143,7 +150,7 @@ def break_attribute(target: object, name: str) -> Callable[[pytest.MonkeyPatch],
             break_attribute(server_module.TurnCore, "drop_client"),
             one_tcp_allocation_closed,
         ),
-        ("expiry sweep", break_attribute(server_module.TurnCore, "expire"), one_sweep),
+        ("expiry timer", break_attribute(server_module.TurnCore, "handle_timers"), one_timer),
     ],
     ids=["relay-read", "connection-made", "connection-lost", "timer"],
 )

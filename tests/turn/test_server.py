@@ -12,6 +12,7 @@ from aioice.stun import Class, Method
 from stunclient import StunClient
 from turnkit import PASSWORD, USER, ServerFactory
 
+from p2pserver.turn.relay import RESERVATION_LIFETIME
 from p2pserver.turn.server import TurnServer
 from p2pserver.turn.stats import GAUGES
 from p2pserver.turn.stun import TurnMessage as Message
@@ -384,12 +385,32 @@ async def test_unused_reservation_expires_and_frees_its_port(server: TurnServer)
     answer = await client.allocate(even_port=True)
     token = answer.attributes["RESERVATION-TOKEN"]
     (sock, _) = server.relays.reservations[token]
-    server.core.expire(time.time() + 31)  # RFC 8656 §7.2: held about 30 s
+    server.core.handle_timers(time.monotonic() + 31)  # RFC 8656 §7.2: held about 30 s
     assert token not in server.relays.reservations
     assert sock.fileno() == -1  # the port is free again
     late = await connect(server, "udp")
     await late.login(USER, PASSWORD)
     assert (await late.allocate(reservation_token=token)).error_code == 508
+
+
+async def test_the_loop_runs_the_timers_when_due_whatever_the_wall_clock(
+    server: TurnServer,
+) -> None:
+    """The asyncio layer arms a timer at the core's next deadline: a reservation made to run
+    out in 0.2 s is closed by the loop itself, with the wall clock a day ahead meanwhile, and
+    the allocation (600 s, monotonic) stays."""
+    server.wall_clock = lambda: time.time() + 86400  # NTP stepped the clock a day forward
+    server.relays.clock = lambda: time.monotonic() - RESERVATION_LIFETIME + 0.2
+    client = await connect(server, "udp")
+    await client.login(USER, PASSWORD)
+    token = (await client.allocate(even_port=True)).attributes["RESERVATION-TOKEN"]
+    (sock, _) = server.relays.reservations[token]
+    deadline = time.monotonic() + 10
+    while token in server.relays.reservations and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert token not in server.relays.reservations and sock.fileno() == -1
+    assert len(server.core.table) == 1
+    assert (await client.request(Method.REFRESH)).attributes["LIFETIME"] == 600
 
 
 async def test_tcp_connection_that_never_allocates_is_closed_when_idle(
@@ -403,7 +424,8 @@ async def test_tcp_connection_that_never_allocates_is_closed_when_idle(
     later = time.monotonic() + TCP_IDLE_TIMEOUT + 1
     idle_conns = [c for c in server.connections if c.idle(later)]
     assert len(idle_conns) == 1  # the one without an allocation
-    server.close_idle(later)
+    for connection in list(server.connections):
+        connection.check_idle(later)  # what each connection's idle timer does then
     await asyncio.wait_for(idle.protocol.closed.wait(), 5)  # type: ignore[union-attr]
     assert (await busy.request(Method.REFRESH)).message_class == Class.RESPONSE
 

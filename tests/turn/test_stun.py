@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import random
 import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,11 @@ import pytest
 from aioice import stun as aiostun
 from aioice.stun import Class, Method
 
+from p2pserver.config import Settings
 from p2pserver.turn import stun
-from p2pserver.turn.auth import long_term_key
+from p2pserver.turn.auth import Nonces, long_term_key
+from p2pserver.turn.handlers import Client, TurnCore
+from p2pserver.turn.policy import PeerPolicy
 from p2pserver.turn.stun import TurnMessage as Message
 from p2pserver.turn.stun import parse_message
 
@@ -253,3 +258,96 @@ def test_aioice_tables_are_left_as_aioice_defines_them() -> None:
     # ...while the server's codec has the TURN attributes and its strict readers.
     assert "RESERVATION-TOKEN" in stun.ATTRIBUTES_BY_NAME
     assert stun.ATTRIBUTES_BY_NAME["LIFETIME"][3] is not aiostun.unpack_unsigned
+
+
+# --- the Binding fast path (stun.BindingAnswerer) ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ipv4_response", "ipv6_response"])
+def test_xor_address_packer_matches_rfc5769(name: str) -> None:
+    """The hand-written XOR-MAPPED-ADDRESS writes the bytes of RFC 5769 §2.2 and §2.3."""
+    raw = vector(name)
+    ip, port = VECTORS[name]["xor_mapped_address"]
+    pos = 20
+    while struct.unpack_from("!H", raw, pos)[0] != 0x0020:
+        pos += 4 + struct.unpack_from("!H", raw, pos + 2)[0]
+        pos += -pos & 3
+    length = struct.unpack_from("!H", raw, pos + 2)[0]
+    expected = raw[pos + 4 : pos + 4 + length]
+    assert stun.pack_xor_address((ip, port), raw[8:20]) == expected
+    assert aiostun.pack_xor_address((ip, port), raw[8:20]) == expected
+
+
+def binding_requests() -> list[bytes]:
+    """Plain Bindings the fast path answers, and near misses it must hand to the strict path."""
+    software = attr(0x8022, "tëst".encode())
+    plain = [build(), build(attrs=software)]
+    with_fp = []
+    for message in plain:
+        longer = message[:2] + (len(message) - 12).to_bytes(2) + message[4:]
+        crc = zlib.crc32(longer) ^ 0x5354554E
+        with_fp.append(longer + attr(0x8028, crc.to_bytes(4)))
+    good = plain + with_fp
+    near = [
+        with_fp[0][:-1] + bytes([with_fp[0][-1] ^ 1]),  # wrong FINGERPRINT
+        with_fp[0] + software[:0],
+        build(attrs=attr(0x8022, b"\xff\xfe")),  # SOFTWARE that is not UTF-8: 400
+        build(attrs=attr(0x0024, b"\x00\x00\x00\x01")),  # PRIORITY: known, strict path
+        build(attrs=attr(0x0029, bytes(8))),  # ICE-CONTROLLED
+        build(attrs=attr(0x7FFF, b"")),  # unknown comprehension-required: 420
+        build(attrs=attr(0x8022, b"ab")[:-2]),  # padding missing
+        build()[:-1],  # not a whole header
+        build(cls=Class.INDICATION),
+        build(attrs=attr(0x8028, bytes(4)) + software),  # FINGERPRINT not last
+        vector("short_term_request"),  # RFC 5769 §2.1: USERNAME, MESSAGE-INTEGRITY, ...
+        build()[:4] + b"\x00\x00\x00\x00" + build()[8:],  # no magic cookie (RFC 3489)
+    ]
+    rng = random.Random(9)
+    mutated = []
+    for _ in range(3000):
+        raw = bytearray(rng.choice(good))
+        for _ in range(rng.randint(1, 3)):
+            raw[rng.randrange(len(raw))] = rng.randrange(256)
+        mutated.append(bytes(raw[: rng.choice([len(raw), rng.randrange(len(raw) + 1)])]))
+    return good + near + mutated
+
+
+@pytest.mark.parametrize("remote", [("192.0.2.1", 32853), ("2001:db8::1", 40000)])
+def test_binding_fast_path_answers_exactly_as_the_strict_path(remote: tuple[str, int]) -> None:
+    """Every Binding the fast path takes gets the bytes the strict path (decode, Responder)
+    gives it; every one it refuses goes to the strict path. Plain ones are taken."""
+    settings = Settings(http=False, software="p2pserver test")
+    # The same nonce key, so the 401s some mutations get are the same bytes too.
+    fast = TurnCore(settings, _NoRelays(), PeerPolicy(), nonces=Nonces(b"k" * 32))  # type: ignore[arg-type]
+    strict = TurnCore(settings, _NoRelays(), PeerPolicy(), nonces=Nonces(b"k" * 32))  # type: ignore[arg-type]
+    strict.binding.answer = lambda data, remote: None  # type: ignore[method-assign]
+    client = Client("udp", remote, ("192.0.2.2", 3478), lambda data: None)
+    taken = 0
+    for raw in binding_requests():
+        by_hand = fast.binding.answer(raw, remote)
+        expected = strict.handle(raw, client, 0.0)
+        if by_hand is not None:
+            taken += 1
+            assert by_hand == expected, raw.hex()
+        assert fast.handle(raw, client, 0.0) == expected, raw.hex()
+    assert taken >= 4  # the plain ones at least
+    assert fast.stats.requests == strict.stats.requests
+
+
+class _NoRelays:
+    families = frozenset({1})
+
+
+@pytest.mark.parametrize("code", [401, 438])
+@pytest.mark.parametrize("realm", ["test.realm", "réalm"])
+def test_challenge_by_hand_is_what_the_responder_writes(code: int, realm: str) -> None:
+    responder = stun.Responder("p2pserver test", realm)
+    nonce = b"0123abcd" * 4
+    for attrs in (b"", attr(0x0019, bytes((17, 0, 0, 0)))):
+        message = build(Method.ALLOCATE, attrs=attrs)
+        longer = message[:2] + (len(message) - 12).to_bytes(2) + message[4:]
+        signed = longer + attr(0x8028, (zlib.crc32(longer) ^ 0x5354554E).to_bytes(4))
+        for raw in (message, signed):
+            request = stun.decode(raw)
+            expected = responder.error(request, code, attributes={"REALM": realm, "NONCE": nonce})
+            assert responder.challenge(request, code, nonce) == expected

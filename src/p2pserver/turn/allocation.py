@@ -1,7 +1,8 @@
 """Allocations, their permissions and channels, the allocation table, and the relay hot path.
 
-Times are plain floats (seconds, `time.time()` in the server) passed in by the caller, so the
-rules here run the same in unit tests without sockets or sleeps.
+Times are plain floats passed in by the caller, so the rules here run the same in unit tests
+without sockets or sleeps. Lifetimes are on the monotonic clock (`time.monotonic()` in the
+server): a jump of the wall clock neither expires nor extends anything (docs/turn.md, "Timers").
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 
 from p2pserver.turn.datapath import channel_data, data_indication
 from p2pserver.turn.stats import TurnStats
+from p2pserver.turn.timers import DeadlineWheel
 
 Address = tuple[str, int]
 FiveTuple = tuple[str, Address, Address]  # (transport, client address, server address)
@@ -54,7 +56,13 @@ class RelayFactory(Protocol):
 
     def take_reserved(self, token: bytes) -> Relay | None: ...
 
-    def expire(self, now: float) -> None: ...
+    def next_deadline(self) -> float | None:
+        """When the first unused EVEN-PORT reservation runs out (monotonic clock)."""
+        ...
+
+    def expire(self, now: float) -> None:
+        """Close the reservations that ran out by `now`."""
+        ...
 
 
 class UserCounts(Protocol):
@@ -91,7 +99,7 @@ class Channel:
     relay: Relay  # the allocation's relay of the peer's family
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the timer wheel holds them
 class Allocation:
     five_tuple: FiveTuple
     username: str
@@ -105,9 +113,15 @@ class Allocation:
     # The peer policy's check: every inbound datagram passes it, as every outbound one did.
     permits: Callable[[str, int], bool]
     pad: bool = False  # ChannelData over TCP/TLS is padded to 4 bytes (RFC 8656 §12.5)
+    # Both kept in the order of their expiry: every permission lives PERMISSION_LIFETIME and
+    # every channel CHANNEL_LIFETIME from its last refresh, and a refresh moves it to the end,
+    # so what expires first is always at the front (see expire_due).
     permissions: dict[str, float] = field(default_factory=dict)  # peer IP -> expiry
     channels: dict[int, Channel] = field(default_factory=dict)
     peer_channels: dict[Address, int] = field(default_factory=dict)  # peer -> channel number
+    # The relayed addresses of this process's allocations (AllocationTable.inside, shared):
+    # what is sent to one of them is delivered without a socket (deliver_inside).
+    inside: dict[Address, tuple[Allocation, bool]] = field(default_factory=dict)
     # Relayed traffic (stats.py): payload from peers to the client, and from the client out.
     peer_rcvp: int = 0
     peer_rcvb: int = 0
@@ -128,9 +142,24 @@ class Allocation:
         relay = self.relays.get(family_of(peer[0]))
         if relay is None:
             return  # no relay of the peer's family (a permission was checked for it: 443)
-        relay.sendto(payload, peer)
+        inside = self.inside.get(peer)  # relay to relay in this process (see `inside`)
+        if inside is None:
+            relay.sendto(payload, peer)
+        else:
+            self.deliver_inside(payload, relay, *inside)
         self.peer_sentp += 1
         self.peer_sentb += len(payload)
+
+    def deliver_inside(
+        self, payload: bytes, relay: Relay, target: Allocation, advertised: bool
+    ) -> None:
+        """Hand a datagram for another allocation's relayed address to it directly, as if it
+        had left `relay` and arrived there: it comes from this allocation's relayed address as
+        the target's client knows it (the advertised one, e.g. --external-ip, when that is what
+        was addressed; the bind address when that was), and passes the target's permissions,
+        peer policy and counters in `from_peer`. Synchronous, so the order is kept."""
+        source = self.relayed_addresses[relay.family] if advertised else relay.address
+        target.from_peer(payload, source)
 
     # --- the hot path -----------------------------------------------------------------------
 
@@ -142,7 +171,11 @@ class Allocation:
             return  # RFC 8656 §12.6: unbound channel or short message, discard
         if channel.peer[0] not in self.permissions:
             return  # the permission expired while the channel lived on
-        channel.relay.sendto(data[4 : 4 + length], channel.peer)
+        inside = self.inside.get(channel.peer)  # relay to relay in this process: no socket
+        if inside is None:
+            channel.relay.sendto(data[4 : 4 + length], channel.peer)
+        else:
+            self.deliver_inside(data[4 : 4 + length], channel.relay, *inside)
         self.peer_sentp += 1
         self.peer_sentb += length
 
@@ -162,6 +195,7 @@ class Allocation:
     # --- the rules around it ---------------------------------------------------------------
 
     def permit(self, ip: str, now: float) -> None:
+        self.permissions.pop(ip, None)  # to the end: the expiry order (see `permissions`)
         self.permissions[ip] = now + PERMISSION_LIFETIME
 
     def bind_channel(self, number: int, peer: Address, now: float) -> str | None:
@@ -176,17 +210,47 @@ class Allocation:
         if bound is not None and bound != number:
             return "Peer already bound to another channel"
         if current is None:
-            current = self.channels[number] = Channel(number, peer, 0.0, relay)
+            current = Channel(number, peer, 0.0, relay)
             self.peer_channels[peer] = number
+        else:
+            del self.channels[number]  # to the end: the expiry order (see `permissions`)
+        self.channels[number] = current
         current.expires = now + CHANNEL_LIFETIME
         self.permit(peer[0], now)  # a ChannelBind also installs or refreshes the permission
         return None
 
-    def expire(self, now: float) -> None:
-        for ip in [ip for ip, t in self.permissions.items() if t <= now]:
+    def next_deadline(self) -> float:
+        """When something of this allocation next expires: itself, a permission or a channel."""
+        deadline = self.expires
+        for expires in self.permissions.values():  # the first is the earliest
+            deadline = min(deadline, expires)
+            break
+        for channel in self.channels.values():
+            deadline = min(deadline, channel.expires)
+            break
+        return deadline
+
+    def expire_due(self, now: float) -> int:
+        """Expire the permissions and channels due at `now`, from the front (the expiry order):
+        the work is what expires, never what lives. Returns how many went."""
+        # One pass over the due front, then the deletions: asking a dict for its first item
+        # again after each deletion would walk the holes the deletions leave (quadratic).
+        ips = []
+        for ip, expires in self.permissions.items():
+            if expires > now:
+                break
+            ips.append(ip)
+        for ip in ips:
             del self.permissions[ip]
-        for number in [n for n, ch in self.channels.items() if ch.expires <= now]:
-            del self.peer_channels[self.channels.pop(number).peer]
+        channels = []
+        for channel in self.channels.values():
+            if channel.expires > now:
+                break
+            channels.append(channel)
+        for channel in channels:
+            del self.channels[channel.number]
+            del self.peer_channels[channel.peer]
+        return len(ips) + len(channels)
 
 
 class AllocationTable:
@@ -205,6 +269,11 @@ class AllocationTable:
         self.elsewhere = elsewhere  # with worker processes: the user quota holds across them
         self.by_tuple: dict[FiveTuple, Allocation] = {}
         self.per_user: Counter[str] = Counter()
+        # Relay to relay (docs/turn.md, "Relay to relay"): each relay's relayed address as
+        # clients see it (advertised, True) and its bind address when that differs (False).
+        self.inside: dict[Address, tuple[Allocation, bool]] = {}
+        # Each allocation once, at the earliest deadline it has (Allocation.next_deadline).
+        self._timers: DeadlineWheel[Allocation] = DeadlineWheel()
 
     def __len__(self) -> int:
         return len(self.by_tuple)
@@ -233,10 +302,54 @@ class AllocationTable:
         if self.elsewhere is not None:
             self.elsewhere.add(allocation.username, 1)
         self.stats.allocations_created += 1
+        self.reschedule(allocation)
+        allocation.inside = self.inside
+        for address, advertised in _relay_addresses(allocation):
+            self.inside[address] = (allocation, advertised)
+
+    def local_relay(self, address: Address) -> Allocation | None:
+        """The allocation of this process whose relay `address` is (its relayed address as
+        clients see it, or its bind address), else None."""
+        entry = self.inside.get(address)
+        return entry[0] if entry is not None else None
+
+    def reschedule(self, allocation: Allocation) -> None:
+        """Call after anything that may bring an allocation's next deadline forward (a new
+        allocation, permission or channel, a shorter lifetime). A later deadline needs no call:
+        the allocation comes out early, has nothing due and is scheduled again."""
+        self._timers.schedule(allocation, allocation.next_deadline())
+
+    def next_deadline(self) -> float | None:
+        return self._timers.next_deadline()
+
+    def handle_timers(self, now: float, budget: int) -> tuple[list[Allocation], bool]:
+        """Expire what is due at `now`: whole allocations (removed and returned), and the
+        permissions and channels of the others. Stops after about `budget` units of work (an
+        allocation looked at or an item expired is 1, removing an allocation with its sockets
+        16), so one call never stalls the event loop long; returns (removed, work left)."""
+        removed: list[Allocation] = []
+        work = 0
+        while work < budget:
+            allocation = self._timers.pop_due(now)
+            if allocation is None:
+                return removed, False
+            work += 1
+            if allocation.expires <= now:
+                self.remove(allocation.five_tuple)
+                removed.append(allocation)
+                work += 16
+            else:
+                work += allocation.expire_due(now)
+                self.reschedule(allocation)
+        return removed, True
 
     def remove(self, five_tuple: FiveTuple) -> Allocation | None:
         allocation = self.by_tuple.pop(five_tuple, None)
         if allocation is not None:
+            self._timers.cancel(allocation)
+            for address, _ in _relay_addresses(allocation):
+                if self.inside.get(address, (None,))[0] is allocation:
+                    del self.inside[address]
             self.per_user[allocation.username] -= 1
             if self.elsewhere is not None:
                 self.elsewhere.add(allocation.username, -1)
@@ -247,15 +360,17 @@ class AllocationTable:
             self.stats.retire(allocation)  # its traffic stays in the totals
         return allocation
 
-    def expire(self, now: float) -> list[Allocation]:
-        """Delete expired allocations and expire permissions and channels of the rest."""
-        gone = [a for a in self.by_tuple.values() if a.expires <= now]
-        for allocation in gone:
-            self.remove(allocation.five_tuple)
-        for allocation in self.by_tuple.values():
-            allocation.expire(now)
-        return gone
-
     def close(self) -> None:
         for five_tuple in list(self.by_tuple):
             self.remove(five_tuple)
+
+
+def _relay_addresses(allocation: Allocation) -> Iterator[tuple[Address, bool]]:
+    """(address, advertised) for each relay: the relayed address clients are told, and the
+    bind address too when it differs and is not a wildcard (nobody can address 0.0.0.0)."""
+    for family, relay in allocation.relays.items():
+        advertised = allocation.relayed_addresses[family]
+        yield advertised, True
+        bound = relay.address
+        if bound != advertised and bound[0] not in ("0.0.0.0", "::"):
+            yield bound, False

@@ -36,8 +36,11 @@ class Nonces:
     def __init__(self, key: bytes | None = None, lifetime: float = NONCE_LIFETIME) -> None:
         self._key = key or os.urandom(32)
         self.lifetime = lifetime
+        # A nonce changes once a second per client IP; its MAC is asked for on every request
+        # (issued with each 401/438, checked on each signed request): remember recent ones.
+        self._mac = lru_cache(maxsize=4096)(self._compute_mac)
 
-    def _mac(self, stamp: bytes, client_ip: str) -> bytes:
+    def _compute_mac(self, stamp: bytes, client_ip: str) -> bytes:
         digest = hmac.new(self._key, stamp + client_ip.encode(), hashlib.sha256).hexdigest()
         return digest[:24].encode()
 

@@ -2,7 +2,13 @@
 
 `TurnCore.handle()` takes the bytes of one message, the client it came from and the time, and
 returns the bytes to answer with (or None). It opens relays through an injected factory and
-keeps no other I/O, so everything here runs in unit tests without an event loop.
+keeps no other I/O, so everything here runs in unit tests without an event loop. Its timers are
+sans-I/O too: `next_deadline()` says when `handle_timers(now)` wants to run (docs/turn.md,
+"Timers").
+
+Two clocks come in: `now`, monotonic, for every lifetime (allocations, permissions, channels,
+cached responses); `wall`, the Unix time, only where time is written into what clients hold (a
+nonce's issue time, a TURN REST username's expiry).
 """
 
 from __future__ import annotations
@@ -41,7 +47,11 @@ from p2pserver.turn.transactions import ResponseCache
 log = logging.getLogger(__name__)
 
 UDP = 17  # REQUESTED-TRANSPORT protocol number (RFC 8656 §14.7)
+# Work units one handle_timers() call may do (allocation.AllocationTable.handle_timers): about
+# 1 ms on this project's test machine, so expiry never stalls the event loop much longer.
+TIMER_BUDGET = 2000
 _SEND_INDICATION = b"\x00\x16"
+_BINDING_REQUEST = b"\x00\x01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +89,12 @@ class TurnCore:
             settings.user_quota, settings.max_allocations, self.stats, user_counts
         )
         self.responses = ResponseCache()
-        self.responder = stun.Responder(settings.software, on_error=self.stats.count_error)
+        self.responder = stun.Responder(
+            settings.software, settings.realm, on_error=self.stats.count_error
+        )
+        self.binding = stun.BindingAnswerer(settings.software)
         self.fallback_ips = dict(fallback_ips or {1: "127.0.0.1", 2: "::1"})  # see relayed_ip()
+        self._relayed_ips: dict[tuple[str, int], str] = {}
         # Requests on an existing allocation (RFC 8656 §7.3, §10, §11): 437 without one.
         self._on_allocation: dict[int, Callable[[Request, Allocation, Client, float], bytes]] = {
             Method.REFRESH: self.refresh,
@@ -90,12 +104,34 @@ class TurnCore:
 
     # --- dispatch ---------------------------------------------------------------------------
 
-    def handle(self, data: bytes, client: Client, now: float | None = None) -> bytes | None:
-        """Answer one STUN message (not ChannelData); None means send nothing."""
-        now = time.time() if now is None else now
+    def answer_binding(self, data: bytes, remote: Address) -> bytes | None:
+        """The answer to a plain Binding request, by the fast path (stun.BindingAnswerer); None
+        for anything else, which then goes to `handle`."""
+        reply = self.binding.answer(data, remote)
+        if reply is not None:  # the UDP listener's fast path
+            self.stats.requests += 1
+            self.stats.count_request(Method.BINDING, "udp")
+        return reply
+
+    def handle(
+        self, data: bytes, client: Client, now: float | None = None, wall: float | None = None
+    ) -> bytes | None:
+        """Answer one STUN message (not ChannelData); None means send nothing.
+
+        `now` is the monotonic clock, `wall` the Unix time; a caller that drives a single clock
+        (unit tests) may give `now` alone, and it serves as both."""
+        if now is None:
+            now = time.monotonic()
+            wall = time.time() if wall is None else wall
+        elif wall is None:
+            wall = now
         if data[:2] == _SEND_INDICATION:
             self.send_indication(data, client)
             return None
+        if data[:2] == _BINDING_REQUEST:
+            reply = self.answer_binding(data, client.remote)
+            if reply is not None:
+                return reply
         try:
             request = stun.decode(data)
         except Malformed:
@@ -125,7 +161,7 @@ class TurnCore:
         cached = self.responses.get(cache_key, now)
         if cached is not None:
             return cached
-        identity = self.authenticate(request, client, now)
+        identity = self.authenticate(request, client, wall)
         if isinstance(identity, bytes):
             self.stats.unauthenticated += 1
             return identity
@@ -144,26 +180,25 @@ class TurnCore:
         return response
 
     def authenticate(
-        self, request: Request, client: Client, now: float
+        self, request: Request, client: Client, wall: float
     ) -> tuple[str, bytes] | bytes:
-        """RFC 8489 §9.2.4, in its order. Returns (username, key) or the error to answer."""
+        """RFC 8489 §9.2.4, in its order. Returns (username, key) or the error to answer.
+        `wall` is the Unix time: nonces and REST usernames carry it."""
         attrs = request.attributes
         if not request.signed:
-            return self._challenge(request, client, now, 401)
+            return self._challenge(request, client, wall, 401)
         username, realm, nonce = attrs.get("USERNAME"), attrs.get("REALM"), attrs.get("NONCE")
         if username is None or realm is None or nonce is None:
             return self.responder.error(request, 400, "Missing USERNAME, REALM or NONCE")
-        if self.nonces.check(nonce, client.remote[0], now) is not NonceStatus.VALID:
-            return self._challenge(request, client, now, 438)
-        key = self.credentials.key(username, now) if realm == self.credentials.realm else None
+        if self.nonces.check(nonce, client.remote[0], wall) is not NonceStatus.VALID:
+            return self._challenge(request, client, wall, 438)
+        key = self.credentials.key(username, wall) if realm == self.credentials.realm else None
         if key is None or not request.check_integrity(key):
-            return self._challenge(request, client, now, 401)
+            return self._challenge(request, client, wall, 401)
         return username, key
 
-    def _challenge(self, request: Request, client: Client, now: float, code: int) -> bytes:
-        nonce = self.nonces.issue(client.remote[0], now)
-        attrs = {"REALM": self.credentials.realm, "NONCE": nonce}
-        return self.responder.error(request, code, attributes=attrs)
+    def _challenge(self, request: Request, client: Client, wall: float, code: int) -> bytes:
+        return self.responder.challenge(request, code, self.nonces.issue(client.remote[0], wall))
 
     # --- handlers, one per method (RFC 8656 §7-§12) ----------------------------------------
 
@@ -281,6 +316,9 @@ class TurnCore:
 
         Whatever it is, it is this server's own, so the peer policy lets other allocations
         reach it (relay to relay) even when it is a private address."""
+        chosen = self._relayed_ips.get((client.local[0], family))
+        if chosen is not None:
+            return chosen
         s = self.settings
         candidates = (
             s.external_ip,
@@ -294,6 +332,8 @@ class TurnCore:
             if ip and family_of(ip) == family and not ipaddress.ip_address(ip).is_unspecified
         )
         self.policy.add_own(chosen)
+        # Settings do not change; only the listener address varies: decided once per address.
+        self._relayed_ips[(client.local[0], family)] = chosen
         return chosen
 
     def refresh(
@@ -311,6 +351,7 @@ class TurnCore:
             log.info("allocation %s deleted by its client", _show(allocation.relayed_address))
         else:
             allocation.expires = now + lifetime
+            self.table.reschedule(allocation)  # a shorter lifetime brings its deadline forward
         return self.responder.success(request, {"LIFETIME": lifetime}, key)
 
     def create_permission(
@@ -329,6 +370,7 @@ class TurnCore:
             return self.responder.error(request, 508, "Too many permissions", key)
         for ip, _port in request.peers:
             allocation.permit(ip, now)
+        self.table.reschedule(allocation)
         return self.responder.success(request, {}, key)
 
     def channel_bind(
@@ -355,6 +397,7 @@ class TurnCore:
         problem = allocation.bind_channel(number, peer, now)
         if problem is not None:
             return self.responder.error(request, 400, problem, key)  # RFC 8656 §12.2
+        self.table.reschedule(allocation)
         return self.responder.success(request, {}, key)
 
     def send_indication(self, data: bytes, client: Client) -> None:
@@ -370,13 +413,31 @@ class TurnCore:
             return
         allocation.send_to_peer(payload, (ip, port))  # through the relay of the peer's family
 
-    # --- housekeeping -------------------------------------------------------------------------
+    # --- timers (sans-I/O: the caller asks when, and calls back then) -------------------------
 
-    def expire(self, now: float) -> None:
-        for allocation in self.table.expire(now):
+    def next_deadline(self) -> float | None:
+        """The monotonic time at which `handle_timers` has work, or None when nothing waits.
+        It may be in the past (work left over by the budget): then call again soon."""
+        deadlines = [
+            d
+            for d in (
+                self.table.next_deadline(),
+                self.responses.next_deadline(),
+                self.relays.next_deadline(),
+            )
+            if d is not None
+        ]
+        return min(deadlines) if deadlines else None
+
+    def handle_timers(self, now: float, budget: int = TIMER_BUDGET) -> None:
+        """Expire what is due at `now` (monotonic): allocations, permissions, channels, cached
+        responses, EVEN-PORT reservations. The work is what expires, not what lives, and at most
+        about `budget` units per call; what is left waits for the next call."""
+        removed, _ = self.table.handle_timers(now, budget)
+        for allocation in removed:
             log.info("allocation %s expired", _show(allocation.relayed_address))
-        self.responses.expire(now)
-        self.relays.expire(now)
+        self.responses.expire(now, limit=budget // 2)  # about as costly per entry as a unit
+        self.relays.expire(now)  # a handful at most: one per EVEN-PORT Allocate
 
     def drop_client(self, five_tuple: FiveTuple) -> None:
         """A TCP/TLS client connection closed: its allocation goes with it (RFC 8656 §5)."""

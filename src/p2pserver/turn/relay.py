@@ -145,7 +145,10 @@ class RelayPorts:
         self.loop = loop
         self.on_fault = on_fault  # called from an `except` block when relaying fails
         self.families = frozenset(self.bind_ips)
+        # Token -> (socket, expiry on the monotonic clock), in the order they expire: all live
+        # RESERVATION_LIFETIME, so the first one is always the next to go.
         self.reservations: dict[bytes, tuple[socket.socket, float]] = {}
+        self.clock = time.monotonic  # the clock of TurnCore's `now`
         self.hairpin = hairpin
 
     def _relay(self, sock: socket.socket) -> RelaySocket:
@@ -198,7 +201,7 @@ class RelayPorts:
                     sock.close()
                     continue
                 token = os.urandom(8)
-                self.reservations[token] = (partner, time.time() + RESERVATION_LIFETIME)
+                self.reservations[token] = (partner, self.clock() + RESERVATION_LIFETIME)
             if dont_fragment:
                 _set_dont_fragment(sock)
             return self._relay(sock), token
@@ -210,9 +213,20 @@ class RelayPorts:
             return None
         return self._relay(entry[0])
 
+    def next_deadline(self) -> float | None:
+        for _, expires in self.reservations.values():  # the first expires first
+            return expires
+        return None
+
     def expire(self, now: float) -> None:
-        """Close reservations not taken in time (`now` is time.time(), as in TurnCore)."""
-        for token in [k for k, (_, exp) in self.reservations.items() if exp <= now]:
+        """Close reservations not taken in time (`now` is monotonic, as in TurnCore), from the
+        front: the work is what expires."""
+        due = []
+        for token, (_, expires) in self.reservations.items():
+            if expires > now:
+                break
+            due.append(token)
+        for token in due:
             self.reservations.pop(token)[0].close()
 
     def close(self) -> None:
@@ -275,7 +289,7 @@ class SharedRelayPorts(RelayPorts):
     def open(
         self, family: int, *, even_port: bool, reserve_next: bool, dont_fragment: bool
     ) -> tuple[RelaySocket, bytes | None]:
-        now = time.time()
+        now = self.clock()  # `held` is on TurnCore's clock; the token's stamp is wall time
         for port in self._candidates(even_port or reserve_next):
             if self.held.get(port, 0.0) > now or (reserve_next and port + 1 in self.held):
                 continue
@@ -290,7 +304,7 @@ class SharedRelayPorts(RelayPorts):
                     continue
                 probe.close()
                 self.held[port + 1] = now + RESERVATION_LIFETIME
-                token = self._token(family, port + 1, now)
+                token = self._token(family, port + 1, time.time())
             if dont_fragment:
                 _set_dont_fragment(sock)
             return self._relay(sock), token
@@ -308,6 +322,9 @@ class SharedRelayPorts(RelayPorts):
         self.held.pop(port, None)
         sock = self._bind(family, port)
         return self._relay(sock) if sock is not None else None
+
+    def next_deadline(self) -> float | None:
+        return min(self.held.values(), default=None)  # a handful at most: one per EVEN-PORT
 
     def expire(self, now: float) -> None:
         for port in [p for p, end in self.held.items() if end <= now]:

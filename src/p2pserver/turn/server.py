@@ -1,7 +1,8 @@
-"""The asyncio layer: UDP, TCP and TLS listeners around TurnCore, and the expiry timer.
+"""The asyncio layer: UDP, TCP and TLS listeners around TurnCore, and its timers.
 
 ChannelData from clients never reaches TurnCore: the listeners hand it to the allocation of its
-5-tuple straight away (allocation.py, `from_client_channel`).
+5-tuple straight away (allocation.py, `from_client_channel`). Expiry runs when the core says
+(`TurnCore.next_deadline`, scheduled with `loop.call_later`), never as a sweep over everything.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import math
 import os
 import socket
 import ssl
@@ -30,7 +32,9 @@ from p2pserver.turn.relay import Hairpin, RelayPorts, SharedRelayPorts
 
 log = logging.getLogger(__name__)
 
-SWEEP_INTERVAL = 1.0
+FLUSH_INTERVAL = 1.0  # how often log counts held back by RateLimitedLog are looked at
+TIMER_FAULT_BACKOFF = 1.0  # after a fault in the timers, wait this long before trying again
+BINDING_REQUEST = b"\x00\x01"  # the first two bytes of a STUN Binding request (RFC 8489 §5)
 TCP_IDLE_TIMEOUT = 60.0  # a TCP/TLS connection that allocates nothing is closed after this
 TCP_MAX_BUFFERED = 1 << 20  # relay data for a client that does not read is dropped past this
 
@@ -40,8 +44,8 @@ class RateLimitedLog:
 
     Faults (bugs: an exception in a callback) are logged at ERROR, the first of each kind with
     its traceback, so an operator has something to report; after that only counts. Counts not
-    yet logged are written by `flush()` (the sweep calls it, and stop()), so the counts in the
-    log add up to the fault counter."""
+    yet logged are written by `flush()` (called every FLUSH_INTERVAL, and by stop()), so the
+    counts in the log add up to the fault counter."""
 
     def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
         self.logger = logger
@@ -111,6 +115,11 @@ class UdpListener(asyncio.DatagramProtocol):
                     allocation.from_client_channel(data)
                 return
             assert self.transport is not None
+            if data[:2] == BINDING_REQUEST:  # the commonest request, answered the short way
+                reply = self.server.core.answer_binding(data, addr)
+                if reply is not None:
+                    self.transport.sendto(reply, addr)
+                    return
             client = Client("udp", addr, self.local, partial(self.transport.sendto, addr=addr))
             reply = self.server.handle(data, client)
             if reply is not None:
@@ -135,6 +144,7 @@ class StreamConnection(asyncio.Protocol):
         self.client: Client | None = None
         self.five_tuple: FiveTuple = ("", ("", 0), ("", 0))
         self.opened = time.monotonic()
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -150,6 +160,7 @@ class StreamConnection(asyncio.Protocol):
             self.five_tuple = self.client.five_tuple
             self.server.connections.add(self)
             self.core.stats.count_connection(self.name)
+            self._arm_idle_timer()
         except Exception:
             self._fault("a new connection failed; closed it")
 
@@ -204,6 +215,8 @@ class StreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.transport = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
         try:
             self.core.drop_client(self.five_tuple)  # a no-op before connection_made
         except Exception:
@@ -211,6 +224,28 @@ class StreamConnection(asyncio.Protocol):
 
     def idle(self, now: float) -> bool:
         return self.five_tuple not in self.allocations and now - self.opened > TCP_IDLE_TIMEOUT
+
+    def _arm_idle_timer(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(TCP_IDLE_TIMEOUT, self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        try:
+            self.check_idle(time.monotonic())
+        except Exception:
+            self._fault("the idle check failed; closed the connection")
+
+    def check_idle(self, now: float) -> None:
+        """Close the connection if it has had no allocation for TCP_IDLE_TIMEOUT; else look
+        again then (one timer per connection: nothing walks them all)."""
+        if self.transport is None:
+            return
+        if self.idle(now):
+            self.transport.close()
+        else:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            self._arm_idle_timer()
 
 
 @dataclass(frozen=True)
@@ -253,7 +288,14 @@ class TurnServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._udp: asyncio.DatagramTransport | None = None
         self._tls: ssl.SSLContext | None = None
-        self._sweeper: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf  # when self._timer fires
+        self._timer_floor = 0.0  # no timer before this (set after a fault in the timers)
+        # The core's two clocks (handlers.py): monotonic for lifetimes, Unix time for what
+        # clients hold (nonces, REST usernames). Attributes, so a test can jump the wall clock.
+        self.clock = time.monotonic
+        self.wall_clock = time.time
         self.relays: RelayPorts
         self.policy: PeerPolicy
         self.core: TurnCore
@@ -270,10 +312,35 @@ class TurnServer:
     def handle(self, data: bytes, client: Client) -> bytes | None:
         """TurnCore.handle, but a bug in it costs one message, never the listener."""
         try:
-            return self.core.handle(data, client)
+            reply = self.core.handle(data, client, self.clock(), self.wall_clock())
         except Exception:
             self.fault("core", f"internal error handling a {client.transport} message")
             return None
+        self.arm_timers()  # the message may have brought a deadline forward
+        return reply
+
+    def arm_timers(self) -> None:
+        """Have the loop call the core's timers at its next deadline (and only then)."""
+        deadline = self.core.next_deadline()
+        if deadline is None:
+            return
+        deadline = max(deadline, self._timer_floor)
+        if deadline >= self._timer_at:
+            return  # already due by then; a timer that fires early finds nothing and re-arms
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(0.0, deadline - self.clock()), self._on_timers)
+
+    def _on_timers(self) -> None:
+        self._timer, self._timer_at = None, math.inf
+        try:
+            self.core.handle_timers(self.clock())
+        except Exception:
+            self.fault("timer", "the expiry timer failed")
+            self._timer_floor = self.clock() + TIMER_FAULT_BACKOFF  # do not spin on a bug
+        self.arm_timers()
 
     async def start(self) -> None:
         s = self.settings
@@ -329,7 +396,8 @@ class TurnServer:
                         f"STUN/TURN cannot listen on {transport} {host}:{port}: {reason}"
                     ) from exc
         policy.listen_on(port for _, _, port in self.addresses)
-        self._sweeper = asyncio.create_task(self._sweep())
+        self._flusher = asyncio.create_task(self._flush_logs())
+        self.arm_timers()
         if self.listeners is not None:
             return  # a worker: the supervisor says where it listens, and runs the self-test
         for transport_name, host, port in self.addresses:
@@ -408,21 +476,10 @@ class TurnServer:
             self._servers.append(listener)
             self.addresses.append(("tls", host, given.tls.getsockname()[1]))
 
-    async def _sweep(self) -> None:
+    async def _flush_logs(self) -> None:
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
-            try:
-                self.core.expire(time.time())
-                self.close_idle(time.monotonic())
-            except Exception:
-                self.fault("sweep", "the expiry sweep failed")
+            await asyncio.sleep(FLUSH_INTERVAL)
             self.ratelog.flush(time.monotonic())
-
-    def close_idle(self, now: float) -> None:
-        """Close TCP/TLS connections that have had no allocation for TCP_IDLE_TIMEOUT."""
-        for connection in [c for c in self.connections if c.idle(now)]:
-            if connection.transport is not None:
-                connection.transport.close()
 
     def reload_tls(self) -> bool:
         """Load --tls-cert/--tls-key again (SIGHUP): new handshakes get the new certificate.
@@ -444,12 +501,15 @@ class TurnServer:
 
     async def stop(self) -> None:
         await self.self_test.stop()
-        started = self._sweeper is not None
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        started = self._flusher is not None
+        if self._flusher is not None:
+            self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+                await self._flusher
+            self._flusher = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer, self._timer_at = None, math.inf
         for server in self._servers:
             server.close()
         for connection in list(self.connections):

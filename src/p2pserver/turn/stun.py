@@ -12,7 +12,9 @@ the same process (the tests run them next to the server) is the library as publi
 from __future__ import annotations
 
 import binascii
+import hashlib
 import hmac
+import socket
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +29,8 @@ COOKIE_BYTES = struct.pack("!I", COOKIE)
 FINGERPRINT_XOR = stun.FINGERPRINT_XOR
 
 # Attribute types this server reads by number (RFC 8489 §18.3, RFC 8656 §18).
+XOR_MAPPED_ADDRESS = 0x0020
+SOFTWARE = 0x8022
 MESSAGE_INTEGRITY = 0x0008
 MESSAGE_INTEGRITY_SHA256 = 0x001C
 FINGERPRINT = 0x8028
@@ -120,6 +124,27 @@ _EXTRA: list[stun.AttributeEntry] = [
     (0x8004, "ICMP", stun.pack_bytes, stun.unpack_bytes),
     (0x8023, "ALTERNATE-SERVER", stun.pack_address, stun.unpack_address),
 ]
+
+
+def pack_xor_address(value: tuple[str, int], transaction_id: bytes) -> bytes:
+    """XOR-MAPPED/-RELAYED/-PEER-ADDRESS (RFC 8489 §14.2) with struct and inet_pton: the bytes
+    aioice's pack_xor_address writes, without its ipaddress objects (a third of an answer's
+    cost). Tested against RFC 5769's vectors."""
+    ip, port = value[0], value[1]
+    try:
+        if ":" in ip:
+            packed = socket.inet_pton(socket.AF_INET6, ip)
+            mask = COOKIE_BYTES + transaction_id
+            xip = (int.from_bytes(packed) ^ int.from_bytes(mask)).to_bytes(16)
+            return _XOR_HEAD.pack(0, 2, port ^ 0x2112) + xip
+        xip = (int.from_bytes(socket.inet_aton(ip)) ^ COOKIE).to_bytes(4)
+    except OSError:  # what inet_pton does not take (a scoped IPv6 address): aioice's way
+        return stun.pack_xor_address(value, transaction_id)
+    return _XOR_HEAD.pack(0, 1, port ^ 0x2112) + xip
+
+
+_XOR_HEAD = struct.Struct("!BBH")  # reserved, family, x-port
+
 # aioice reads these leniently (a short LIFETIME raises struct.error, a long one is cut); be exact.
 _STRICT: list[stun.AttributeEntry] = [
     (0x000C, "CHANNEL-NUMBER", stun.pack_unsigned_short, _unpack_channel),
@@ -127,10 +152,17 @@ _STRICT: list[stun.AttributeEntry] = [
     (0x0019, "REQUESTED-TRANSPORT", stun.pack_unsigned, _unpack_u32),
 ]
 
+# Written with the packer above; read with aioice's reader.
+_FAST = [
+    (atype, name, pack_xor_address, unpack)
+    for atype, name, pack, unpack in stun.ATTRIBUTES
+    if pack is stun.pack_xor_address
+]
+
 # This codec's tables: copies, so aioice.stun's own stay as aioice defines them.
 ATTRIBUTES_BY_TYPE: dict[int, stun.AttributeEntry] = dict(stun.ATTRIBUTES_BY_TYPE)
 ATTRIBUTES_BY_NAME: dict[str, stun.AttributeEntry] = dict(stun.ATTRIBUTES_BY_NAME)
-for _entry in (*_EXTRA, *_STRICT):
+for _entry in (*_EXTRA, *_STRICT, *_FAST):
     ATTRIBUTES_BY_TYPE[_entry[0]] = _entry
     ATTRIBUTES_BY_NAME[_entry[1]] = _entry
 
@@ -152,10 +184,8 @@ class TurnMessage(Message):
         for name, value in self.attributes.items():
             atype, _, pack, _ = ATTRIBUTES_BY_NAME[name]
             for item in value if isinstance(value, Repeated) else (value,):
-                if pack is stun.pack_xor_address:
-                    packed = pack(item, self.transaction_id)
-                else:
-                    packed = pack(item)
+                xor = pack is pack_xor_address
+                packed = pack(item, self.transaction_id) if xor else pack(item)
                 body += struct.pack("!HH", atype, len(packed)) + packed + bytes(-len(packed) & 3)
         kind = self.message_method | self.message_class
         return struct.pack("!HHI12s", kind, len(body), COOKIE, self.transaction_id) + body
@@ -371,14 +401,107 @@ REASONS = {
 }
 
 
+_BINDING_REQUEST = b"\x00\x01"
+_HEAD = struct.Struct("!HHI")  # type, length, magic cookie (the transaction id follows)
+_ATTR = struct.Struct("!HH")
+
+
+class BindingAnswerer:
+    """The answer to a plain Binding request, by hand: the commonest STUN message (every ICE
+    agent sends it to learn its reflexive address) without decoding it into a Message.
+
+    "Plain" means: a well-framed request (RFC 8489 §6.3) whose attributes are only SOFTWARE
+    (valid UTF-8) and FINGERPRINT (last, and correct). Its answer is byte for byte what
+    Responder writes for it: XOR-MAPPED-ADDRESS, SOFTWARE, and FINGERPRINT when the request had
+    one. Anything else returns None and goes the one strict path (`decode`, `Responder`), so a
+    malformed or unusual Binding gets the answer it always got."""
+
+    def __init__(self, software: str) -> None:
+        value = software.encode()
+        self._software = _ATTR.pack(SOFTWARE, len(value)) + value + bytes(-len(value) & 3)
+
+    def answer(self, data: bytes, remote: tuple[str, int]) -> bytes | None:
+        size = len(data)
+        if size < HEADER or data[:2] != _BINDING_REQUEST or data[4:8] != COOKIE_BYTES:
+            return None
+        if HEADER + _ATTR.unpack_from(data, 2)[0] != size or size & 3:
+            return None
+        fingerprint = False
+        pos = HEADER
+        while pos < size:
+            if fingerprint or pos + 4 > size:
+                return None  # FINGERPRINT must be last (RFC 8489 §14.7)
+            atype, alen = _ATTR.unpack_from(data, pos)
+            end = pos + 4 + alen
+            if end + (-alen & 3) > size:
+                return None
+            if atype == FINGERPRINT:
+                if alen != 4:
+                    return None
+                crc = binascii.crc32(data[:pos]) ^ FINGERPRINT_XOR  # length already counts it
+                if int.from_bytes(data[pos + 4 : end]) != crc:
+                    return None
+                fingerprint = True
+            elif atype == SOFTWARE:
+                try:
+                    data[pos + 4 : end].decode()
+                except UnicodeDecodeError:
+                    return None  # the strict path answers 400
+            else:
+                return None
+            pos = end + (-alen & 3)
+        txid = data[8:20]
+        mapped = pack_xor_address(remote, txid)
+        body = _ATTR.pack(XOR_MAPPED_ADDRESS, len(mapped)) + mapped + self._software
+        length = len(body) + (8 if fingerprint else 0)
+        reply = _HEAD.pack(0x0101, length, COOKIE) + txid + body
+        if fingerprint:
+            crc = binascii.crc32(reply) ^ FINGERPRINT_XOR
+            reply += _ATTR.pack(FINGERPRINT, 4) + crc.to_bytes(4)
+        return reply
+
+
+def _error_code(code: int, reason: str) -> bytes:
+    """The ERROR-CODE attribute (RFC 8489 §14.8), as aioice's pack_error_code writes it."""
+    value = struct.pack("!HBB", 0, code // 100, code % 100) + reason.encode()
+    return _ATTR.pack(0x0009, len(value)) + value + bytes(-len(value) & 3)
+
+
 class Responder:
     """Builds the responses of this server: SOFTWARE on each, then MESSAGE-INTEGRITY when signed
     and FINGERPRINT when the request carried one (RFC 8489 §14.7: a client that uses it expects
     it back)."""
 
-    def __init__(self, software: str, on_error: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, software: str, realm: str = "", on_error: Callable[[int], None] | None = None
+    ) -> None:
         self.software = software
         self.on_error = on_error  # counts error responses by code (stats.py)
+        value = software.encode()
+        self._software = _ATTR.pack(SOFTWARE, len(value)) + value + bytes(-len(value) & 3)
+        realm_value = realm.encode()
+        realm_attr = _ATTR.pack(0x0014, len(realm_value)) + realm_value
+        realm_attr += bytes(-len(realm_value) & 3)
+        # ERROR-CODE and REALM of the two challenges, as Responder.error writes them.
+        self._challenges = {
+            code: _error_code(code, REASONS[code]) + realm_attr for code in (401, 438)
+        }
+
+    def challenge(self, request: Request, code: int, nonce: bytes) -> bytes:
+        """401 or 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4): what `error` writes for
+        it, by hand, because every client gets one before anything else."""
+        if self.on_error is not None:
+            self.on_error(code)
+        nonce_attr = _ATTR.pack(0x0015, len(nonce)) + nonce + bytes(-len(nonce) & 3)
+        body = self._challenges[code] + nonce_attr + self._software
+        fingerprint = "FINGERPRINT" in request.attributes
+        length = len(body) + (8 if fingerprint else 0)
+        kind = request.method | Class.ERROR
+        reply = _HEAD.pack(kind, length, COOKIE) + request.transaction_id + body
+        if fingerprint:
+            crc = binascii.crc32(reply) ^ FINGERPRINT_XOR
+            reply += _ATTR.pack(FINGERPRINT, 4) + crc.to_bytes(4)
+        return reply
 
     def success(
         self, request: Request, attributes: dict[str, Any], key: bytes | None = None
@@ -412,10 +535,13 @@ class Responder:
         message = TurnMessage(cast(Method, request.method), cls, request.transaction_id, {})
         message.attributes.update(attributes)
         message.attributes["SOFTWARE"] = self.software
-        if key is not None:
-            message.add_message_integrity(key)  # adds FINGERPRINT too
-            if "FINGERPRINT" not in request.attributes:
-                del message.attributes["FINGERPRINT"]
-        elif "FINGERPRINT" in request.attributes:
-            message.add_fingerprint()
-        return bytes(message)
+        reply = bytes(message)  # encoded once; what follows is appended (aioice encodes 3 times)
+        if key is not None:  # RFC 8489 §14.5: the length field counts MESSAGE-INTEGRITY
+            reply = _with_length(reply, len(reply) - HEADER + 24)
+            mac = hmac.new(key, reply, hashlib.sha1).digest()
+            reply += _ATTR.pack(MESSAGE_INTEGRITY, 20) + mac
+        if "FINGERPRINT" in request.attributes:  # RFC 8489 §14.7: and then FINGERPRINT
+            reply = _with_length(reply, len(reply) - HEADER + 8)
+            crc = binascii.crc32(reply) ^ FINGERPRINT_XOR
+            reply += _ATTR.pack(FINGERPRINT, 4) + crc.to_bytes(4)
+        return reply

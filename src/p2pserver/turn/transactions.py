@@ -32,10 +32,20 @@ class ResponseCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def expire(self, now: float) -> None:
-        # Entries are in insertion order, so expiry times are too.
-        while self._entries:
-            key, (expires, _) = next(iter(self._entries.items()))
+    def next_deadline(self) -> float | None:
+        for expires, _ in self._entries.values():  # the first expires first
+            return expires
+        return None
+
+    def expire(self, now: float, limit: int | None = None) -> None:
+        """Drop the entries due at `now`, at most `limit` of them (the rest wait for the next
+        call: next_deadline() is then already due). Entries are in insertion order, so expiry
+        times are too: the work is what expires."""
+        entries = self._entries
+        while entries and limit != 0:
+            key, (expires, _) = next(iter(entries.items()))  # an OrderedDict: O(1)
             if expires > now:
                 break
-            del self._entries[key]
+            del entries[key]
+            if limit is not None:
+                limit -= 1
