@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 import websockets
+from aioice.stun import Class, Message, Method
 from aioice.turn import create_turn_endpoint
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -79,6 +80,15 @@ async def test_metrics_count_real_traffic(tmp_path: Path, workers: str) -> None:
                 await ws.send(json.dumps({"type": "join", "pin": wrong}))
                 assert json.loads(await ws.recv())["code"] == "wrong-pin"
 
+            # A plain Binding request, which the UDP listener answers on its fast path.
+            binding = Message(message_method=Method.BINDING, message_class=Class.REQUEST)
+            stun_client, stun_inbox = await loop.create_datagram_endpoint(
+                Inbox, remote_addr=("127.0.0.1", turn_port)
+            )
+            stun_client.sendto(bytes(binding))
+            assert (await asyncio.wait_for(stun_inbox.queue.get(), TIMEOUT))[:2] == b"\x01\x01"
+            stun_client.close()
+
             # A relayed round trip: the client's aioice allocation, a peer that echoes.
             relay, inbox = await create_turn_endpoint(
                 Inbox,
@@ -113,6 +123,8 @@ async def test_metrics_count_real_traffic(tmp_path: Path, workers: str) -> None:
         assert value(samples, "p2pserver_turn_challenges_total") == 1  # aioice's first Allocate
         assert value(samples, "p2pserver_turn_error_responses_total", code="401") == 1
         assert value(samples, "p2pserver_turn_requests_total", method="allocate", transport="udp")
+    binding = {"method": "binding", "transport": "udp"}
+    assert value(after, "p2pserver_turn_requests_total", **binding) == 1
     assert value(before, "turn_total_allocations") == 1
     assert value(before, "p2pserver_turn_permissions") == 1
     assert value(before, "p2pserver_turn_channels") == 1
