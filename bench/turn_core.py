@@ -70,12 +70,12 @@ MAX_PACKETS = 20_000_000  # per load run, besides --seconds
 # --- the servers --------------------------------------------------------------------------------
 
 
-def p2pserver_command(port: int, http_port: int | None, db: Path) -> list[str]:
+def p2pserver_command(port: int, http_port: int | None, db: Path, workers: int = 1) -> list[str]:
     exe = Path(sys.executable).with_name("p2pserver")
     command = [str(exe) if exe.exists() else "p2pserver", "--turn-host", LOCALHOST]
     command += ["--turn-port", str(port), "--user", f"{USER}:{PASSWORD}", "--realm", REALM]
     command += ["--allow-peer", "127.0.0.0/8", "--user-quota", "0", "--no-self-test"]
-    command += ["--log-level", "warning"]
+    command += ["--log-level", "warning", "--turn-workers", str(workers)]
     if http_port is None:
         return [*command, "--no-http"]
     return [*command, "--http-host", LOCALHOST, "--http-port", str(http_port), "--db", str(db)]
@@ -119,7 +119,7 @@ BASELINE = "p2pserver before"  # --baseline-src: an older checkout's p2pserver, 
 
 @contextlib.contextmanager
 def serving(
-    name: str, cpu: int, http: bool = False, baseline_src: str | None = None
+    name: str, cpu: int, http: bool = False, baseline_src: str | None = None, workers: int = 1
 ) -> Iterator[tuple[Target, int | None]]:
     """Run one server pinned to `cpu`; yields it and its HTTP port (p2pserver with `http`).
     BASELINE runs this venv's p2pserver with the package from `baseline_src` instead."""
@@ -127,7 +127,7 @@ def serving(
     if name == BASELINE and baseline_src:
         os.environ["PYTHONPATH"] = baseline_src  # inherited by the server process only
     try:
-        with _serving(name, cpu, http) as served:
+        with _serving(name, cpu, http, workers) as served:
             if saved is None:
                 os.environ.pop("PYTHONPATH", None)
             else:
@@ -141,7 +141,9 @@ def serving(
 
 
 @contextlib.contextmanager
-def _serving(name: str, cpu: int, http: bool) -> Iterator[tuple[Target, int | None]]:
+def _serving(
+    name: str, cpu: int, http: bool, workers: int = 1
+) -> Iterator[tuple[Target, int | None]]:
     with tempfile.TemporaryDirectory(prefix="bench-turn-") as tmp:
         port = free_port()
         http_port = free_port() if http else None
@@ -150,7 +152,7 @@ def _serving(name: str, cpu: int, http: bool) -> Iterator[tuple[Target, int | No
             assert turnserver is not None
             command = coturn_command(turnserver, port, Path(tmp))
         else:
-            command = p2pserver_command(port, http_port, Path(tmp) / "bench.db")
+            command = p2pserver_command(port, http_port, Path(tmp) / "bench.db", workers)
         with running(command, port, name, {cpu}) as process:
             if http_port is not None:
                 wait_for_http(http_port)
@@ -459,10 +461,11 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def http_under_load(
-    exe: Path, generator_cpu: int, server_cpu: int, seconds: float
+    exe: Path, generator_cpu: int, server_cpu: int, seconds: float, workers: int = 1
 ) -> tuple[tuple[float, float], tuple[float, float], Blast]:
-    """((p50, p99) idle, (p50, p99) under relay load, the load), in seconds."""
-    with serving("p2pserver", server_cpu, http=True) as (target, http_port):
+    """((p50, p99) idle, (p50, p99) under relay load, the load), in seconds. With `workers`
+    >= 2 TURN runs in worker processes and HTTP in the main one (all on the server's CPU)."""
+    with serving("p2pserver", server_cpu, http=True, workers=workers) as (target, http_port):
         assert http_port is not None
         os.sched_setaffinity(0, {generator_cpu})
         idle = check_chat_latencies(http_port, seconds)
@@ -515,6 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-coturn", action="store_true")
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-allocations", action="store_true")
+    parser.add_argument(
+        "--http-turn-workers",
+        type=int,
+        default=1,
+        help="--turn-workers of the server in the check-chat figure (1: HTTP and TURN in one "
+        "process; 2: TURN in worker processes, HTTP apart)",
+    )
     parser.add_argument(
         "--baseline-src",
         help="also run p2pserver with the package in this src directory (an older checkout)",
@@ -569,7 +579,11 @@ def main(argv: list[str] | None = None) -> int:
                         allocs.setdefault(name, []).append((rate, cpu))
                         print(f"  {name}: allocations/s: {rate:,.0f}", file=sys.stderr)
             if not args.skip_http:
-                http_runs.append(http_under_load(exe, generator_cpu, server_cpu, args.seconds))
+                http_runs.append(
+                    http_under_load(
+                        exe, generator_cpu, server_cpu, args.seconds, args.http_turn_workers
+                    )
+                )
                 print(f"  http: {http_runs[-1][:2]}", file=sys.stderr)
 
     print(f"# TURN on one core, {time.strftime('%Y-%m-%d %H:%M')}, median of {args.rounds}")
@@ -627,7 +641,12 @@ def main(argv: list[str] | None = None) -> int:
         load_p50 = statistics.median(r[1][0] for r in http_runs) * 1000
         load_p99 = statistics.median(r[1][1] for r in http_runs) * 1000
         load = median_by([r[2] for r in http_runs])
-        print("\n| GET /check-chat (one process: HTTP and one TURN worker) | p50 ms | p99 ms |")
+        shape = (
+            "one process: HTTP and TURN"
+            if args.http_turn_workers == 1
+            else f"HTTP in the main process, {args.http_turn_workers} TURN workers"
+        )
+        print(f"\n| GET /check-chat ({shape}, one CPU) | p50 ms | p99 ms |")
         print("|---|---:|---:|")
         print(f"| idle | {idle_p50:.2f} | {idle_p99:.2f} |")
         print(f"| relay to relay 160 B at saturation | {load_p50:.2f} | {load_p99:.2f} |")
