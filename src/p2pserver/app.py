@@ -25,10 +25,10 @@ from starlette.websockets import WebSocket
 
 from p2pserver.config import Settings
 from p2pserver.ice import url_host
-from p2pserver.ratelimit import SlidingWindow
+from p2pserver.ratelimit import MemoryLimiter
 from p2pserver.roomcache import RoomCache
-from p2pserver.rooms import RoomStore
 from p2pserver.signaling import Hub, client_address
+from p2pserver.store import Limiter, open_store
 
 log = logging.getLogger("p2pserver.app")
 
@@ -119,7 +119,7 @@ async def _read_body(request: Request) -> bytes | None:
 
 async def create_chat(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    limiter: SlidingWindow = request.app.state.create_limiter
+    limiter: Limiter = request.app.state.create_limiter
     body = await _read_body(request)
     if body is None:
         return _error(413, "too-large", f"body larger than {MAX_BODY} bytes")
@@ -127,13 +127,14 @@ async def create_chat(request: Request) -> Response:
         with_pin, max_peers, private = _parse_create(body, settings)
     except _BadRequest as exc:
         return _error(400, "bad-request", str(exc))
-    address, now = client_address(request), time.monotonic()
-    if not limiter.allowed(address, now):
-        wait = max(1, round(limiter.retry_after(address, now) + 0.5))
+    ticket, wait = await limiter.acquire(client_address(request))
+    if ticket is None:
         return _error(
-            429, "rate-limited", "too many rooms created, slow down", {"Retry-After": str(wait)}
+            429,
+            "rate-limited",
+            "too many rooms created, slow down",
+            {"Retry-After": str(max(1, round(wait + 0.5)))},
         )
-    limiter.hit(address, now)
     store: RoomCache = request.app.state.hub.store
     room_id, pin = await store.create(
         with_pin=with_pin, max_peers=max_peers, now=time.time(), private=private
@@ -240,7 +241,7 @@ async def _server_error(request: Request, exc: Exception) -> Response:
 
 
 async def sweep_forever(
-    hub: Hub, store: RoomCache, create_limiter: SlidingWindow, interval: float
+    hub: Hub, store: RoomCache, create_limiter: Limiter, interval: float
 ) -> None:
     """Keep rooms with connected peers fresh, delete idle ones, forget old rate-limit entries."""
     while True:
@@ -248,8 +249,8 @@ async def sweep_forever(
         try:
             await store.touch(hub.active_rooms(), time.time())
             deleted = await store.sweep(time.time())
-            hub.prune(asyncio.get_running_loop().time())
-            create_limiter.prune(time.monotonic())  # the clock create_chat uses
+            hub.prune()
+            create_limiter.prune()
             if deleted:
                 log.info("expired %d idle room(s)", deleted)
         except Exception:  # keep sweeping; a transient DB error must not end expiry for good
@@ -262,9 +263,11 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = RoomCache(await RoomStore.open(settings.db, settings.room_ttl))
+        store = RoomCache(await open_store(settings))
         try:
-            hub.store = store
+            hub.use_store(store)
+            # Per address, where the store keeps limits (shared by a fleet with --redis).
+            app.state.create_limiter = store.limiter("create", settings.rooms_per_minute, 60.0)
             hub.secret = settings.secret or await store.turn_secret()
             if settings.turn and app.state.turn is None:  # the CLI starts it before uvicorn
                 from p2pserver.turn.server import TurnServer
@@ -286,7 +289,7 @@ def create_app(settings: Settings) -> Starlette:
                     await app.state.turn.stop()
                     app.state.turn = None
         finally:
-            hub.store = None
+            hub.use_store(None)
             await store.close()
 
     app = App(
@@ -316,5 +319,5 @@ def create_app(settings: Settings) -> Starlette:
     app.state.settings = settings
     app.state.hub = hub
     app.state.turn = None
-    app.state.create_limiter = SlidingWindow(settings.rooms_per_minute, 60.0)
+    app.state.create_limiter = MemoryLimiter(settings.rooms_per_minute, 60.0)
     return app

@@ -20,6 +20,7 @@ class Settings:
     http_host: str = "0.0.0.0"
     http_port: int = 3000
     db: str = "p2pserver.db"
+    redis: str | None = None  # redis:// URL: the store a fleet of instances shares (docs/deploy.md)
     public_host: str | None = None
     cors_origins: tuple[str, ...] = ("*",)
     room_ttl: float = 24 * 3600.0

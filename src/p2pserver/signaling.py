@@ -19,9 +19,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from p2pserver import messages as m
 from p2pserver.config import Settings
 from p2pserver.ice import host_from_header, ice_servers, url_host
-from p2pserver.ratelimit import SlidingWindow, TokenBucket
+from p2pserver.ratelimit import MemoryLimiter, SlidingWindow, TokenBucket
 from p2pserver.roomcache import RoomCache
 from p2pserver.rooms import Room
+from p2pserver.store import Limiter
 from p2pserver.wsserver import LANE, Lane
 
 log = logging.getLogger("p2pserver.signaling")
@@ -191,9 +192,18 @@ class Hub:
         self.closing = False
         self._all_gone = asyncio.Event()  # set when closing and the last connection is gone
         self._per_address: Counter[str] = Counter()
-        self._room_failures = SlidingWindow(settings.pin_attempts, settings.pin_lockout)
-        self._address_failures = SlidingWindow(settings.pin_attempts, settings.pin_lockout)
-        self._pins_pending: Counter[str] = Counter()  # PIN checks in flight, per room and address
+        # Wrong PINs per room and per address; use_store puts them where the store keeps limits.
+        self._room_failures: Limiter = MemoryLimiter(settings.pin_attempts, settings.pin_lockout)
+        self._address_failures: Limiter = MemoryLimiter(settings.pin_attempts, settings.pin_lockout)
+
+    def use_store(self, store: RoomCache | None) -> None:
+        """Serve rooms from `store`, and keep the wrong-PIN counts where it keeps limits (in
+        Redis with --redis, so the lock-out holds across instances)."""
+        self.store = store
+        if store is not None:
+            limit, window = self.settings.pin_attempts, self.settings.pin_lockout
+            self._room_failures = store.limiter("pin-room", limit, window)
+            self._address_failures = store.limiter("pin-address", limit, window)
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -207,9 +217,9 @@ class Hub:
     def active_rooms(self) -> list[str]:
         return list(self.rooms)
 
-    def prune(self, now: float) -> None:
-        self._room_failures.prune(now)
-        self._address_failures.prune(now)
+    def prune(self) -> None:
+        self._room_failures.prune()
+        self._address_failures.prune()
 
     async def close_all(self) -> None:
         """Refuse new peers, close every socket with 1001 (going away), wait for them (5 s)."""
@@ -353,32 +363,21 @@ class Hub:
 
     # -- joining -----------------------------------------------------------------------------
 
-    def _pin_locked(self, room_id: str, address: str, now: float) -> bool:
-        limit = self.settings.pin_attempts
-        return (
-            self._room_failures.count(room_id, now) + self._pins_pending[room_id] >= limit
-            or self._address_failures.count(address, now) + self._pins_pending[address] >= limit
-        )
-
     async def _check_pin(self, conn: Connection, room: Room, pin: str) -> m.ErrorCode | None:
-        loop = asyncio.get_running_loop()
-        if self._pin_locked(room.id, conn.address, loop.time()):
+        # Each attempt counts before its check, so parallel guesses (here or on other instances
+        # sharing the store) cannot overshoot the limit; a right PIN gives its attempts back.
+        room_ticket, _ = await self._room_failures.acquire(room.id)
+        if room_ticket is None:
             return m.TOO_MANY_ATTEMPTS
-        # Checks in flight count against the limit, so parallel guesses cannot overshoot it.
-        keys = (room.id, conn.address)
-        self._pins_pending.update(keys)
-        try:
-            ok = await self._store().verify_pin(room, pin)
-        finally:
-            self._pins_pending.subtract(keys)
-            for key in keys:
-                if self._pins_pending[key] <= 0:
-                    del self._pins_pending[key]
-        if ok:
-            return None
-        self._room_failures.hit(room.id, loop.time())
-        self._address_failures.hit(conn.address, loop.time())
-        return m.WRONG_PIN
+        address_ticket, _ = await self._address_failures.acquire(conn.address)
+        if address_ticket is None:
+            await self._room_failures.release(room.id, room_ticket)
+            return m.TOO_MANY_ATTEMPTS
+        if not await self._store().verify_pin(room, pin):
+            return m.WRONG_PIN
+        await self._room_failures.release(room.id, room_ticket)
+        await self._address_failures.release(conn.address, address_ticket)
+        return None
 
     async def _join(self, conn: Connection, room_id: str, message: dict[str, Any]) -> None:
         pin = message.get("pin")
