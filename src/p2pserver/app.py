@@ -63,7 +63,13 @@ def check_settings(settings: Settings) -> None:
     ):
         if getattr(settings, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("room_ttl", "ws_messages_per_second", "ws_join_timeout", "pin_lockout"):
+    for name in (
+        "room_ttl",
+        "ws_messages_per_second",
+        "ws_join_timeout",
+        "pin_lockout",
+        "redis_presence_ttl",
+    ):
         if not getattr(settings, name) > 0:  # `<= 0` would let NaN through
             problems.append(f"--{name.replace('_', '-')} must be positive")
     if settings.public_host is not None and url_host(settings.public_host) is None:
@@ -269,6 +275,14 @@ def create_app(settings: Settings) -> Starlette:
             # Per address, where the store keeps limits (shared by a fleet with --redis).
             app.state.create_limiter = store.limiter("create", settings.rooms_per_minute, 60.0)
             hub.secret = settings.secret or await store.turn_secret()
+            if settings.redis:  # signaling across instances (fleet.py)
+                from p2pserver.fleet import Fleet
+                from p2pserver.redisstore import RedisRoomStore
+
+                assert isinstance(store.store, RedisRoomStore)
+                fleet = Fleet(store.store.client, hub.on_fleet_message, settings.redis_presence_ttl)
+                await fleet.start()
+                hub.fleet = fleet
             if settings.turn and app.state.turn is None:  # the CLI starts it before uvicorn
                 from p2pserver.turn.server import TurnServer
 
@@ -285,6 +299,9 @@ def create_app(settings: Settings) -> Starlette:
                 sweeper.cancel()
                 # Normally DrainingServer has done this already; here for other ASGI servers.
                 await hub.close_all()
+                if hub.fleet is not None:  # after close_all: its peers' leaves go out first
+                    await hub.fleet.stop()
+                    hub.fleet = None
                 if app.state.turn is not None:
                     await app.state.turn.stop()
                     app.state.turn = None

@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(redis://[:PASSWORD@]HOST:PORT/DB)",
     )
     http.add_argument(
+        "--redis-presence-ttl",
+        type=_duration,
+        default=d.redis_presence_ttl,
+        help="with --redis: an instance that stops renewing its presence for this long is "
+        "gone, and its peers are reported left within 1.5 times it (10s)",
+    )
+    http.add_argument(
         "--public-host",
         default=None,
         help="host name or IP put in iceServers URLs (default: the host the client used)",

@@ -21,6 +21,7 @@ class Settings:
     http_port: int = 3000
     db: str = "p2pserver.db"
     redis: str | None = None  # redis:// URL: the store a fleet of instances shares (docs/deploy.md)
+    redis_presence_ttl: float = 10.0  # a dead instance's peers are reported left within 1.5x this
     public_host: str | None = None
     cors_origins: tuple[str, ...] = ("*",)
     room_ttl: float = 24 * 3600.0

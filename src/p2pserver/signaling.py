@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -24,6 +24,9 @@ from p2pserver.roomcache import RoomCache
 from p2pserver.rooms import Room
 from p2pserver.store import Limiter
 from p2pserver.wsserver import LANE, Lane
+
+if TYPE_CHECKING:  # redis is imported only with --redis
+    from p2pserver.fleet import Fleet
 
 log = logging.getLogger("p2pserver.signaling")
 
@@ -188,6 +191,10 @@ class Hub:
         # check_settings guarantees --public-host is a host name or IP.
         self._public_host = url_host(settings.public_host) if settings.public_host else None
         self.rooms: dict[str, dict[str, Connection]] = {}
+        # With --redis: the fleet, and per room with peers here, its peers on other instances.
+        self.fleet: Fleet | None = None
+        self.remote: dict[str, dict[str, str]] = {}
+        self._fleet_drop_logged = -60.0
         self.connections: set[Connection] = set()
         self.closing = False
         self._all_gone = asyncio.Event()  # set when closing and the last connection is gone
@@ -394,19 +401,48 @@ class Hub:
                 return self._fatal(conn, failure)
         if conn.dead or self.closing:
             return
+        peer_id = secrets.token_urlsafe(9)
+        if self.fleet is not None:
+            return await self._join_fleet(conn, room, peer_id, self.fleet)
         # No await from here until the peer is in the room: the capacity check cannot race.
         peers = self.rooms.setdefault(room.id, {})
         if len(peers) >= room.max_peers:
             return self._fatal(conn, m.ROOM_FULL)
-        peer_id = secrets.token_urlsafe(9)
         others = list(peers.values())
         peers[peer_id] = conn
+        await self._welcome(conn, room, peer_id, others, [other.peer_id for other in others])
+
+    async def _join_fleet(self, conn: Connection, room: Room, peer_id: str, fleet: Fleet) -> None:
+        """Join through Redis: the room's size counts its peers on every instance."""
+        members = await fleet.join(room.id, peer_id, room.max_peers)
+        if members is None:
+            return self._fatal(conn, m.ROOM_FULL)
+        if conn.dead or self.closing:  # gone while we waited
+            return fleet.leave(room.id, peer_id)
+        peers = self.rooms.get(room.id)
+        if peers is None:  # the first here: what Redis said is all we know of the others
+            peers = self.rooms[room.id] = {}
+            self.remote[room.id] = {p: i for p, i in members.items() if i != fleet.id}
+        # Else the inbox keeps self.remote current: j and l come in the order Redis ran them.
+        others = list(peers.values())
+        peers[peer_id] = conn
+        await self._welcome(conn, room, peer_id, others, list(members))
+
+    async def _welcome(
+        self,
+        conn: Connection,
+        room: Room,
+        peer_id: str,
+        others: list[Connection],
+        listed: list[str],
+    ) -> None:
+        """The peer is in the room: welcome it, tell the others here (peer-joined)."""
         conn.peer_id, conn.room_id = peer_id, room.id
-        log.debug("peer %s joined room %s.. (%d peers)", peer_id, room.id[:6], len(peers))
+        log.debug("peer %s joined room %s.. (%d here)", peer_id, room.id[:6], len(others) + 1)
         welcome = {
             "type": "welcome",
             "peerId": peer_id,
-            "peers": [other.peer_id for other in others],
+            "peers": listed,
             "iceServers": ice_servers(
                 self.settings, self._ice_host(conn), self.secret, peer_id, time.time()
             ),
@@ -441,14 +477,47 @@ class Hub:
         if "data" not in message:
             return self._reject(conn, m.BAD_MESSAGE, 'missing "data"')
         target = self.rooms.get(conn.room_id, {}).get(to)
-        if target is None or target is conn:
+        instance = None
+        if target is None and self.fleet is not None:  # on another instance?
+            instance = self.remote.get(conn.room_id, {}).get(to)
+        if (target is None and instance is None) or target is conn:
             return self._reject(conn, m.UNKNOWN_PEER)
         try:  # json.dumps recurses deeper than json.loads did: data parsed may not encode
             data_text = m.signal_data_text(text, message) if text is not None else None
             relayed = m.encode_signal(conn.peer_id, message["data"], data_text)
         except RecursionError:
             return self._reject(conn, m.BAD_MESSAGE, "nested too deeply")
-        self._deliver(target, relayed)
+        if target is not None:
+            return self._deliver(target, relayed)
+        assert self.fleet is not None and instance is not None
+        if not self.fleet.send(instance, conn.room_id, to, relayed):
+            now = time.monotonic()  # lost: counted by the fleet, logged once a minute at most
+            if now - self._fleet_drop_logged >= 60.0:
+                self._fleet_drop_logged = now
+                log.warning("%d signal(s) to other instances dropped so far", self.fleet.dropped)
+
+    # -- the fleet (--redis): messages from other instances -----------------------------------
+
+    def on_fleet_message(self, text: str) -> None:
+        """A message from our inbox (fleet.py has the format)."""
+        kind, _, rest = text.partition("|")
+        if kind == "s":
+            room_id, to, frame = rest.split("|", 2)
+            target = self.rooms.get(room_id, {}).get(to)
+            if target is not None:  # else it left meanwhile: the sender hears peer-left
+                self._deliver(target, frame)
+        elif kind == "j":
+            room_id, peer_id, instance = rest.split("|")
+            peers = self.rooms.get(room_id)
+            if peers:
+                self.remote.setdefault(room_id, {})[peer_id] = instance
+                self._broadcast(list(peers.values()), {"type": "peer-joined", "peerId": peer_id})
+        elif kind == "l":
+            room_id, peer_id = rest.split("|")
+            remote = self.remote.get(room_id)
+            peers = self.rooms.get(room_id)
+            if remote is not None and remote.pop(peer_id, None) is not None and peers:
+                self._broadcast(list(peers.values()), {"type": "peer-left", "peerId": peer_id})
 
     def _broadcast(self, conns: list[Connection], message: dict[str, Any]) -> None:
         text = m.encode(message)  # once, not once per recipient
@@ -479,8 +548,11 @@ class Hub:
         if peers is None or peers.get(conn.peer_id) is not conn:
             return
         del peers[conn.peer_id]
+        if self.fleet is not None:  # the others, wherever they are, hear it from Redis
+            self.fleet.leave(conn.room_id, conn.peer_id)
         if not peers:
             del self.rooms[conn.room_id]
+            self.remote.pop(conn.room_id, None)
         elif not self.closing:
             self._broadcast(list(peers.values()), {"type": "peer-left", "peerId": conn.peer_id})
 

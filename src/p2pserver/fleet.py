@@ -1,0 +1,265 @@
+"""Signaling across instances that share one Redis (`--redis`): who is in which room, on which
+instance, and a way to reach that instance (docs/architecture.md, "A fleet").
+
+Keys and channels (under redisstore.PREFIX):
+  members:{room}      hash peer id -> instance id: every peer of the room, on any instance. The
+                      join script checks its size against the room's limit and adds the peer
+                      in one step, so joins racing on two instances cannot overfill a room.
+  peers:{instance}    hash peer id -> room id: the peers an instance holds (for the reaper).
+  instances           set of instance ids that may hold peers.
+  alive:{instance}    a key with a TTL (presence_ttl), renewed every presence_ttl / 3.
+  inbox:{instance}    the pub/sub channel an instance reads: one per instance, so a message
+                      goes to the one instance that holds its addressee, not to all.
+
+Inbox messages are text, fields split by "|" (room and peer ids are URL-safe base64, no "|"):
+  s|room|to|frame     a relayed signal frame for local peer `to`
+  j|room|peer|inst    `peer` joined `room` on instance `inst`
+  l|room|peer         `peer` left `room`
+Joins and leaves publish their j and l messages from inside their scripts. Everything an
+instance sends to Redis goes out in order, from one task, in pipelined batches: a peer's
+signals reach the other instance in the order it sent them, and after its join.
+
+An instance that dies without saying goodbye stops renewing alive:{instance}; within
+presence_ttl every other instance sees the key gone and, every presence_ttl / 2, one of them
+removes the dead instance's peers (a script, so only one does) and tells their rooms: peers
+are reported left at most 1.5 * presence_ttl after the instance died (15 s by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from p2pserver.redisstore import PREFIX
+
+log = logging.getLogger("p2pserver.fleet")
+
+MAX_PENDING = 50_000  # messages waiting for Redis; past it, signals to other instances drop
+INBOX = PREFIX + "inbox:"
+
+# KEYS: members:{room}, peers:{instance}. ARGV: peer, instance, max peers, room, inbox prefix.
+# Returns {0} when the room is full, else {1, peer, instance, ...} (the members before).
+_JOIN = """
+local members = redis.call('HGETALL', KEYS[1])
+if #members / 2 >= tonumber(ARGV[3]) then return {0} end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+local told = {}
+for i = 2, #members, 2 do
+  local inst = members[i]
+  if inst ~= ARGV[2] and not told[inst] then
+    told[inst] = true
+    redis.call('PUBLISH', ARGV[5] .. inst, 'j|' .. ARGV[4] .. '|' .. ARGV[1] .. '|' .. ARGV[2])
+  end
+end
+table.insert(members, 1, 1)
+return members
+"""
+
+# KEYS: members:{room}, peers:{instance}. ARGV: peer, instance, room, inbox prefix.
+_LEAVE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+local members = redis.call('HGETALL', KEYS[1])
+local told = {}
+for i = 2, #members, 2 do
+  local inst = members[i]
+  if inst ~= ARGV[2] and not told[inst] then
+    told[inst] = true
+    redis.call('PUBLISH', ARGV[4] .. inst, 'l|' .. ARGV[3] .. '|' .. ARGV[1])
+  end
+end
+return 1
+"""
+
+# KEYS: peers:{dead}, instances, alive:{dead}. ARGV: dead instance, key prefix, inbox prefix.
+# The room keys are built inside (one Redis, not Cluster: see redisstore.py).
+_REAP = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
+local peers = redis.call('HGETALL', KEYS[1])
+for i = 1, #peers, 2 do
+  local peer, room = peers[i], peers[i + 1]
+  local key = ARGV[2] .. 'members:' .. room
+  if redis.call('HGET', key, peer) == ARGV[1] then
+    redis.call('HDEL', key, peer)
+    local members = redis.call('HGETALL', key)
+    local told = {}
+    for j = 2, #members, 2 do
+      local inst = members[j]
+      if inst ~= ARGV[1] and not told[inst] then
+        told[inst] = true
+        redis.call('PUBLISH', ARGV[3] .. inst, 'l|' .. room .. '|' .. peer)
+      end
+    end
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return #peers / 2
+"""
+
+
+class _Op:
+    """One command for the writer, and who waits for its answer (if anyone)."""
+
+    __slots__ = ("args", "future")
+
+    def __init__(self, args: tuple[Any, ...], future: asyncio.Future[Any] | None) -> None:
+        self.args = args
+        self.future = future
+
+
+class Fleet:
+    """This instance's membership of the fleet: its inbox, its presence, its peers' rooms."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        on_message: Callable[[str], None],
+        presence_ttl: float = 10.0,
+    ) -> None:
+        self.id = secrets.token_urlsafe(9)
+        self._client = client
+        self._on_message = on_message
+        self.presence_ttl = presence_ttl
+        self._inbox = INBOX + self.id
+        self._alive = f"{PREFIX}alive:{self.id}"
+        self._peers = f"{PREFIX}peers:{self.id}"
+        self._instances = PREFIX + "instances"
+        self._pending: list[_Op] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._pubsub: Any = None
+        self.dropped = 0  # signals for other instances dropped (backlog over MAX_PENDING)
+
+    # -- life --------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        await self._pubsub.subscribe(self._inbox)
+        await self._announce()
+        self._tasks = [
+            asyncio.create_task(self._read_inbox()),
+            asyncio.create_task(self._keep_alive()),
+        ]
+
+    async def stop(self) -> None:
+        """Say goodbye: send what is queued (the leaves of our peers), then leave the fleet."""
+        await self.flush()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await task
+        with contextlib.suppress(RedisError, OSError):
+            # Peers still listed (none, normally): reaped now rather than after presence_ttl.
+            await self._client.delete(self._alive)
+            await self._client.eval(
+                _REAP, 3, self._peers, self._instances, self._alive, self.id, PREFIX, INBOX
+            )
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.aclose()
+
+    async def flush(self) -> None:
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+
+    # -- what the hub asks -------------------------------------------------------------------
+
+    async def join(self, room_id: str, peer_id: str, max_peers: int) -> dict[str, str] | None:
+        """Add the peer to the room if it has room: the members before it (peer -> instance),
+        or None when the room is full."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        args = (f"{PREFIX}members:{room_id}", self._peers, peer_id, self.id, max_peers, room_id)
+        self._queue(_Op(("EVAL", _JOIN, 2, *args, INBOX), future))
+        reply = await future
+        if not reply or int(reply[0]) == 0:
+            return None
+        flat = reply[1:]
+        return dict(zip(flat[0::2], flat[1::2], strict=True))
+
+    def leave(self, room_id: str, peer_id: str) -> None:
+        keys = (f"{PREFIX}members:{room_id}", self._peers)
+        self._queue(_Op(("EVAL", _LEAVE, 2, *keys, peer_id, self.id, room_id, INBOX), None))
+
+    def send(self, instance: str, room_id: str, to: str, frame: str) -> bool:
+        """Relay a signal frame to peer `to` on `instance`; False if the backlog is full."""
+        if len(self._pending) >= MAX_PENDING:
+            self.dropped += 1
+            return False
+        self._queue(_Op(("PUBLISH", INBOX + instance, f"s|{room_id}|{to}|{frame}"), None))
+        return True
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _queue(self, op: _Op) -> None:
+        self._pending.append(op)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        """The one writer: what piled up goes out as one pipeline, in order."""
+        while self._pending:
+            batch, self._pending = self._pending, []
+            pipe = self._client.pipeline(transaction=False)
+            for op in batch:
+                pipe.execute_command(*op.args)
+            try:
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                replies = [exc] * len(batch)
+                log.warning("sending to Redis failed: %s", exc)
+            for op, reply in zip(batch, replies, strict=True):
+                if op.future is None or op.future.done():
+                    continue
+                if isinstance(reply, BaseException):
+                    op.future.set_exception(reply)
+                else:
+                    op.future.set_result(reply)
+
+    async def _read_inbox(self) -> None:
+        async for message in self._pubsub.listen():
+            if message["type"] != "message":
+                continue
+            try:
+                self._on_message(message["data"])
+            except Exception:  # one bad message costs that message only
+                log.exception("fleet message failed")
+
+    async def _announce(self) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(self._alive, "1", px=max(1, round(self.presence_ttl * 1000)))
+        pipe.sadd(self._instances, self.id)
+        await pipe.execute()
+
+    async def _keep_alive(self) -> None:
+        """Renew our presence; now and then, reap instances whose presence has run out."""
+        loop = asyncio.get_running_loop()
+        next_reap = loop.time()
+        while True:
+            await asyncio.sleep(self.presence_ttl / 3)
+            try:
+                await self._announce()
+                if loop.time() >= next_reap:
+                    next_reap = loop.time() + self.presence_ttl / 2
+                    await self._reap()
+            except (RedisError, OSError) as exc:
+                log.warning("fleet presence failed: %s", exc)
+
+    async def _reap(self) -> None:
+        for other in await self._client.smembers(self._instances):
+            if other == self.id or await self._client.exists(f"{PREFIX}alive:{other}"):
+                continue
+            keys = (f"{PREFIX}peers:{other}", self._instances, f"{PREFIX}alive:{other}")
+            reaped = await self._client.eval(_REAP, 3, *keys, other, PREFIX, INBOX)
+            if int(reaped) >= 0:
+                log.warning("instance %s is gone: %d of its peers reported left", other, reaped)
