@@ -36,12 +36,14 @@ def _answers(port: int) -> bool:
 
 
 class RedisServer:
-    def __init__(self, program: str, directory: Path) -> None:
+    def __init__(self, program: str, directory: Path, persist: bool = False) -> None:
         self.program = program
+        self.persist = persist  # an append-only file synced on every write: kill -9 loses nothing
         self.directory = directory
         self.port = 0
         self.process: subprocess.Popen[bytes] | None = None
         self.log = directory / "redis.log"
+        directory.mkdir(parents=True, exist_ok=True)
 
     @property
     def url(self) -> str:
@@ -54,11 +56,14 @@ class RedisServer:
             if self._launch(port):
                 self.port = port
                 return
-        raise RuntimeError(f"redis-server did not start: {self.log.read_text(errors='replace')}")
+        said = self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
+        raise RuntimeError(f"redis-server did not start: {said}")
 
     def _launch(self, port: int) -> bool:
         command = [self.program, "--bind", "127.0.0.1", "--port", str(port)]
-        command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        command += ["--save", "", "--dir", str(self.directory)]
+        command += ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else []
+        command += [] if self.persist else ["--appendonly", "no"]
         command += ["--logfile", str(self.log), "--daemonize", "no"]
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
@@ -84,9 +89,9 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def running_redis(directory: Path) -> Iterator[RedisServer]:
+def running_redis(directory: Path, persist: bool = False) -> Iterator[RedisServer]:
     program = need_program("redis-server", "apt-get install redis-server")
-    server = RedisServer(program, directory)
+    server = RedisServer(program, directory, persist)
     server.start()
     try:
         yield server

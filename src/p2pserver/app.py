@@ -28,7 +28,7 @@ from p2pserver.ice import url_host
 from p2pserver.ratelimit import MemoryLimiter
 from p2pserver.roomcache import RoomCache
 from p2pserver.signaling import Hub, client_address
-from p2pserver.store import Limiter, open_store
+from p2pserver.store import Limiter, StoreUnavailable, open_store
 
 log = logging.getLogger("p2pserver.app")
 
@@ -160,6 +160,9 @@ async def healthz(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     db_ok = hub.store is not None and await hub.store.ping()
     body: dict[str, Any] = {"db": "ok" if db_ok else "down", "signaling": hub.stats()}
+    if hub.fleet is not None:  # --redis: this instance in its fleet
+        db_ok = db_ok and hub.fleet.up
+        body["fleet"] = {"instance": hub.fleet.id, "redis": "up" if hub.fleet.up else "down"}
     turn = request.app.state.turn
     turn_ok = True
     if not request.app.state.settings.turn:
@@ -174,7 +177,13 @@ async def healthz(request: Request) -> Response:
         body["turn"] = {"enabled": True, "running": turn_ok, "stats": stats or {}}
         if turn is not None:  # reported, not part of the status: see docs/operations.md
             body["turn"]["selfTest"] = turn.self_test.report()
-    body["status"] = "ok" if db_ok and turn_ok else "down"
+    if db_ok and turn_ok:
+        body["status"] = "ok"
+    elif hub.fleet is not None and turn_ok:
+        # Redis away: peers here go on talking, nothing new can start (docs/deploy.md).
+        body["status"] = "degraded"
+    else:
+        body["status"] = "down"
     return JSONResponse(body, 200 if db_ok and turn_ok else 503)
 
 
@@ -242,6 +251,12 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    # Redis away (--redis): try again shortly; the server reconnects by itself.
+    message = "the room store cannot be reached; try again shortly"
+    return _error(503, "unavailable", message, {"Retry-After": "5"})
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     return _error(500, "internal", "internal server error")
 
@@ -259,6 +274,8 @@ async def sweep_forever(
             create_limiter.prune()
             if deleted:
                 log.info("expired %d idle room(s)", deleted)
+        except StoreUnavailable:  # Redis away: the fleet says so once; sweep again next time
+            pass
         except Exception:  # keep sweeping; a transient DB error must not end expiry for good
             log.exception("room sweep failed")
 
@@ -280,7 +297,13 @@ def create_app(settings: Settings) -> Starlette:
                 from p2pserver.redisstore import RedisRoomStore
 
                 assert isinstance(store.store, RedisRoomStore)
-                fleet = Fleet(store.store.client, hub.on_fleet_message, settings.redis_presence_ttl)
+                fleet = Fleet(
+                    store.store.client,
+                    hub.on_fleet_message,
+                    settings.redis_presence_ttl,
+                    settings.redis,
+                )
+                fleet.on_resync = hub.resync_fleet
                 await fleet.start()
                 hub.fleet = fleet
             if settings.turn and app.state.turn is None:  # the CLI starts it before uvicorn
@@ -330,7 +353,11 @@ def create_app(settings: Settings) -> Starlette:
                 allow_credentials=False,
             )
         ],
-        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={
+            HTTPException: _http_error,
+            StoreUnavailable: _unavailable,
+            Exception: _server_error,
+        },
         lifespan=lifespan,
     )
     app.state.settings = settings

@@ -23,6 +23,12 @@ An instance that dies without saying goodbye stops renewing alive:{instance}; wi
 presence_ttl every other instance sees the key gone and, every presence_ttl / 2, one of them
 removes the dead instance's peers (a script, so only one does) and tells their rooms: peers
 are reported left at most 1.5 * presence_ttl after the instance died (15 s by default).
+
+Redis lost: joins here are refused (`unavailable`), signals for other instances are dropped,
+peers on this instance go on as before. The inbox reader reconnects with backoff; once it is
+subscribed again the instance renews its presence and resynchronises (sync()): its peers are
+put back in their rooms' member hashes (an outage longer than presence_ttl may have had them
+reaped), leaves that could not be sent are sent, and the hub is told each room's members.
 """
 
 from __future__ import annotations
@@ -30,18 +36,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from p2pserver.redisstore import PREFIX
+from p2pserver.redisstore import PREFIX, UNREACHABLE, redacted
+from p2pserver.store import StoreUnavailable
 
 log = logging.getLogger("p2pserver.fleet")
 
 MAX_PENDING = 50_000  # messages waiting for Redis; past it, signals to other instances drop
+BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0  # seconds between reconnection attempts, doubling
+READ_WAIT = 1.0  # seconds the inbox reader waits for a message before it looks at `up`
 INBOX = PREFIX + "inbox:"
 
 # KEYS: members:{room}, peers:{instance}. ARGV: peer, instance, max peers, room, inbox prefix.
@@ -75,6 +87,24 @@ for i = 2, #members, 2 do
   if inst ~= ARGV[2] and not told[inst] then
     told[inst] = true
     redis.call('PUBLISH', ARGV[4] .. inst, 'l|' .. ARGV[3] .. '|' .. ARGV[1])
+  end
+end
+return 1
+"""
+
+# KEYS: members:{room}, peers:{instance}. ARGV: peer, instance, room, inbox prefix. After an
+# outage: put a peer that is still here back (no size check: it was let in already).
+_REJOIN = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 0 end
+local members = redis.call('HGETALL', KEYS[1])
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+local told = {}
+for i = 2, #members, 2 do
+  local inst = members[i]
+  if inst ~= ARGV[2] and not told[inst] then
+    told[inst] = true
+    redis.call('PUBLISH', ARGV[4] .. inst, 'j|' .. ARGV[3] .. '|' .. ARGV[1] .. '|' .. ARGV[2])
   end
 end
 return 1
@@ -117,6 +147,9 @@ class _Op:
         self.future = future
 
 
+Resync = Callable[[], Awaitable[int]]
+
+
 class Fleet:
     """This instance's membership of the fleet: its inbox, its presence, its peers' rooms."""
 
@@ -125,11 +158,14 @@ class Fleet:
         client: aioredis.Redis,
         on_message: Callable[[str], None],
         presence_ttl: float = 10.0,
+        url: str = "",
     ) -> None:
         self.id = secrets.token_urlsafe(9)
         self._client = client
         self._on_message = on_message
+        self.on_resync: Resync | None = None  # the hub's: after a reconnection (hub.py)
         self.presence_ttl = presence_ttl
+        self._where = redacted(url) if url else "Redis"
         self._inbox = INBOX + self.id
         self._alive = f"{PREFIX}alive:{self.id}"
         self._peers = f"{PREFIX}peers:{self.id}"
@@ -138,16 +174,18 @@ class Fleet:
         self._writer: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
-        self.dropped = 0  # signals for other instances dropped (backlog over MAX_PENDING)
+        self.up = False  # subscribed and in sync; False while Redis is away
+        self._down_since = 0.0
+        self.dropped = 0  # signals for other instances dropped (backlog, or Redis away)
 
     # -- life --------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.subscribe(self._inbox)
-        await self._announce()
+        """Subscribe and announce; RedisError or OSError if Redis does not answer."""
+        await self._connect()
+        self.up = True
         self._tasks = [
-            asyncio.create_task(self._read_inbox()),
+            asyncio.create_task(self._supervise()),
             asyncio.create_task(self._keep_alive()),
         ]
 
@@ -159,15 +197,14 @@ class Fleet:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                 await task
-        with contextlib.suppress(RedisError, OSError):
-            # Peers still listed (none, normally): reaped now rather than after presence_ttl.
-            await self._client.delete(self._alive)
-            await self._client.eval(
-                _REAP, 3, self._peers, self._instances, self._alive, self.id, PREFIX, INBOX
-            )
-        if self._pubsub is not None:
+        if self.up:
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()
+                # Peers still listed (none, normally): reaped now rather than after presence_ttl.
+                await self._client.delete(self._alive)
+                await self._client.eval(
+                    _REAP, 3, self._peers, self._instances, self._alive, self.id, PREFIX, INBOX
+                )
+        await self._close_pubsub()
 
     async def flush(self) -> None:
         while self._writer is not None and not self._writer.done():
@@ -177,27 +214,52 @@ class Fleet:
 
     async def join(self, room_id: str, peer_id: str, max_peers: int) -> dict[str, str] | None:
         """Add the peer to the room if it has room: the members before it (peer -> instance),
-        or None when the room is full."""
+        or None when the room is full. StoreUnavailable while Redis is away."""
+        if not self.up:
+            raise StoreUnavailable("Redis is away")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         args = (f"{PREFIX}members:{room_id}", self._peers, peer_id, self.id, max_peers, room_id)
         self._queue(_Op(("EVAL", _JOIN, 2, *args, INBOX), future))
-        reply = await future
+        try:
+            reply = await future
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(str(exc)) from exc
         if not reply or int(reply[0]) == 0:
             return None
         flat = reply[1:]
         return dict(zip(flat[0::2], flat[1::2], strict=True))
 
     def leave(self, room_id: str, peer_id: str) -> None:
-        keys = (f"{PREFIX}members:{room_id}", self._peers)
-        self._queue(_Op(("EVAL", _LEAVE, 2, *keys, peer_id, self.id, room_id, INBOX), None))
+        if self.up:  # else sync() sends it once Redis is back
+            keys = (f"{PREFIX}members:{room_id}", self._peers)
+            self._queue(_Op(("EVAL", _LEAVE, 2, *keys, peer_id, self.id, room_id, INBOX), None))
 
     def send(self, instance: str, room_id: str, to: str, frame: str) -> bool:
-        """Relay a signal frame to peer `to` on `instance`; False if the backlog is full."""
-        if len(self._pending) >= MAX_PENDING:
+        """Relay a signal frame to peer `to` on `instance`; False if it cannot go (dropped)."""
+        if not self.up or len(self._pending) >= MAX_PENDING:
             self.dropped += 1
             return False
         self._queue(_Op(("PUBLISH", INBOX + instance, f"s|{room_id}|{to}|{frame}"), None))
         return True
+
+    async def sync(self, local: dict[str, list[str]]) -> dict[str, dict[str, str]]:
+        """After an outage: make Redis say what is true here (`local`: room -> our peers
+        there), and return the members of those rooms (peer -> instance)."""
+        ours = await self._client.hgetall(self._peers)
+        here = {(room, peer) for room, peers in local.items() for peer in peers}
+        pipe = self._client.pipeline(transaction=False)
+        for peer, room in ours.items():
+            if (room, peer) not in here:  # left while Redis was away
+                keys = (f"{PREFIX}members:{room}", self._peers)
+                pipe.eval(_LEAVE, 2, *keys, peer, self.id, room, INBOX)
+        for room, peer in here:
+            keys = (f"{PREFIX}members:{room}", self._peers)
+            pipe.eval(_REJOIN, 2, *keys, peer, self.id, room, INBOX)
+        rooms = list(local)
+        for room in rooms:
+            pipe.hgetall(f"{PREFIX}members:{room}")
+        replies = await pipe.execute()
+        return dict(zip(rooms, replies[len(replies) - len(rooms) :], strict=True))
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -215,9 +277,9 @@ class Fleet:
                 pipe.execute_command(*op.args)
             try:
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
-            except (RedisError, OSError) as exc:
+            except UNREACHABLE as exc:  # lost with Redis; _supervise says so, once
                 replies = [exc] * len(batch)
-                log.warning("sending to Redis failed: %s", exc)
+                self._lost(exc)
             for op, reply in zip(batch, replies, strict=True):
                 if op.future is None or op.future.done():
                     continue
@@ -226,14 +288,75 @@ class Fleet:
                 else:
                     op.future.set_result(reply)
 
+    async def _connect(self) -> None:
+        await self._close_pubsub()
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        await self._pubsub.subscribe(self._inbox)
+        await self._announce()
+
+    async def _close_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await pubsub.aclose()
+
+    def _lost(self, error: BaseException) -> None:
+        """Redis is away (a command or the inbox failed): say so once, until it is back. The
+        inbox reader sees `up` turn false within READ_WAIT and reconnects."""
+        if self.up:
+            self.up = False
+            self._down_since = time.monotonic()
+            log.warning(
+                "Redis at %s lost (%s): signaling across instances paused, new joins refused; "
+                "reconnecting",
+                self._where,
+                error,
+            )
+
+    async def _supervise(self) -> None:
+        """Read the inbox; when Redis goes away, reconnect with backoff, resubscribe, resync."""
+        while True:
+            try:
+                await self._read_inbox()
+            except UNREACHABLE as exc:
+                self._lost(exc)
+            await self._reconnect()
+
+    async def _reconnect(self) -> None:
+        delay = BACKOFF_FIRST
+        while True:
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(BACKOFF_MAX, delay * 2)
+            try:
+                await self._connect()
+                peers = await self.on_resync() if self.on_resync is not None else 0
+            except UNREACHABLE:
+                continue  # still away: said once already
+            except Exception:  # a fault of ours: said, and tried again
+                log.exception("resynchronising with Redis failed")
+                continue
+            self.up = True
+            log.warning(
+                "Redis at %s is back after %.1f s: resubscribed, %d peer(s) resynchronised",
+                self._where,
+                time.monotonic() - self._down_since,
+                peers,
+            )
+            return
+
     async def _read_inbox(self) -> None:
-        async for message in self._pubsub.listen():
-            if message["type"] != "message":
+        pubsub = self._pubsub
+        if pubsub is None:
+            raise RedisConnectionError("not subscribed")
+        while self.up:
+            message = await pubsub.get_message(timeout=READ_WAIT)
+            if message is None or message["type"] != "message":
                 continue
             try:
                 self._on_message(message["data"])
             except Exception:  # one bad message costs that message only
                 log.exception("fleet message failed")
+        raise RedisConnectionError("a command to Redis failed")
 
     async def _announce(self) -> None:
         pipe = self._client.pipeline(transaction=False)
@@ -247,13 +370,15 @@ class Fleet:
         next_reap = loop.time()
         while True:
             await asyncio.sleep(self.presence_ttl / 3)
+            if not self.up:
+                continue  # the supervisor announces us again when Redis is back
             try:
                 await self._announce()
                 if loop.time() >= next_reap:
                     next_reap = loop.time() + self.presence_ttl / 2
                     await self._reap()
-            except (RedisError, OSError) as exc:
-                log.warning("fleet presence failed: %s", exc)
+            except UNREACHABLE as exc:
+                self._lost(exc)
 
     async def _reap(self) -> None:
         for other in await self._client.smembers(self._instances):

@@ -26,6 +26,9 @@ TOO_MANY_CONNECTIONS = ErrorCode(
 )
 TOO_MANY_ERRORS = ErrorCode("too-many-errors", "too many invalid or excess messages", 4400)
 TOO_SLOW = ErrorCode("too-slow", "messages for you piled up unread", 4420)
+UNAVAILABLE = ErrorCode(
+    "unavailable", "the server cannot reach its room store; try again shortly", 4503
+)
 
 # Non-fatal: answered, the message is dropped, the socket stays open.
 BAD_MESSAGE = ErrorCode("bad-message", "malformed message")
@@ -43,6 +46,7 @@ FATAL_ERRORS: tuple[ErrorCode, ...] = (
     TOO_MANY_CONNECTIONS,
     TOO_MANY_ERRORS,
     TOO_SLOW,
+    UNAVAILABLE,
 )
 NON_FATAL_ERRORS: tuple[ErrorCode, ...] = (BAD_MESSAGE, UNKNOWN_PEER, TOO_LARGE, RATE_LIMITED)
 

@@ -16,17 +16,22 @@ one Redis server (or a primary with replicas), not Redis Cluster.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import secrets
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import ParamSpec, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from p2pserver import pins
 from p2pserver.ratelimit import Ticket
 from p2pserver.rooms import ROOM_ID_BYTES, Room, check_pin, is_room_id
+from p2pserver.store import StoreUnavailable
 
 PREFIX = "p2p:"
 PING_TIMEOUT = 2.0  # seconds: /healthz must answer even when Redis does not
@@ -94,6 +99,27 @@ return {1, 0}
 """
 
 
+# What Redis being away looks like (a replica promoted meanwhile refuses writes: ReadOnly).
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError, TimeoutError)
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def unavailable_on_error(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Redis away: StoreUnavailable, which callers answer without a traceback."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(str(exc) or type(exc).__name__) from exc
+
+    return wrapper
+
+
 def redacted(url: str) -> str:
     """The URL without its password, for logs and error messages."""
     parts = urlsplit(url)
@@ -116,6 +142,7 @@ class RedisLimiter:
         self._window_us = max(1, round(window * 1_000_000))
         self._acquire = client.register_script(_ACQUIRE)
 
+    @unavailable_on_error
     async def acquire(self, key: str) -> tuple[Ticket | None, float]:
         ticket = secrets.token_hex(8)
         allowed, wait = await self._acquire(
@@ -123,6 +150,7 @@ class RedisLimiter:
         )
         return (ticket, 0.0) if allowed else (None, int(wait) / 1_000_000)
 
+    @unavailable_on_error
     async def release(self, key: str, ticket: Ticket) -> None:
         await self._client.zrem(self._prefix + key, str(ticket))
 
@@ -183,6 +211,7 @@ class RedisRoomStore:
         )
         return room.id, pin
 
+    @unavailable_on_error
     async def create_room(
         self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
     ) -> tuple[Room, str | None]:
@@ -204,6 +233,7 @@ class RedisRoomStore:
             if created:  # else the id was taken: 2**-128 odds, but cheap to handle
                 return Room(room_id, pin_hash, max_peers, now, now, private=private), pin
 
+    @unavailable_on_error
     async def get(self, room_id: str, now: float) -> Room | None:
         if not is_room_id(room_id):
             return None
@@ -224,6 +254,7 @@ class RedisRoomStore:
     async def verify_pin(self, room: Room, pin: str) -> bool:
         return await check_pin(room, pin)
 
+    @unavailable_on_error
     async def touch(self, room_ids: Iterable[str], now: float) -> None:
         ids = list(room_ids)
         if ids:
@@ -231,6 +262,7 @@ class RedisRoomStore:
                 keys=[*map(self._key, ids), self._index], args=[repr(now), self._ttl_seconds, *ids]
             )
 
+    @unavailable_on_error
     async def sweep(self, now: float) -> int:
         """Drop rooms idle past the TTL from the index (and their hashes, if Redis has not)."""
         cutoff = now - self.ttl
@@ -249,9 +281,11 @@ class RedisRoomStore:
             if len(ids) < SWEEP_BATCH:
                 return deleted
 
+    @unavailable_on_error
     async def count(self) -> int:
         return int(await self._client.zcard(self._index))
 
+    @unavailable_on_error
     async def meta_get_or_set(self, key: str, value: str) -> str:
         """meta[key], storing `value` first if absent (race-free across instances)."""
         await self._client.set(PREFIX + "meta:" + key, value, nx=True)

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from p2pserver.rooms import Room, is_room_id
-from p2pserver.store import Limiter, Store
+from p2pserver.store import Limiter, Store, StoreUnavailable
 
 log = logging.getLogger("p2pserver.rooms")
 
@@ -139,6 +139,8 @@ class RoomCache:
             touches, self._touches = self._touches, {}
             try:
                 await self._store_touches(touches)
+            except StoreUnavailable:  # Redis away: rooms with peers are touched again later
+                return
             except Exception:  # the next touch or sweep tries again; the room is not lost
                 log.exception("writing room activity failed")
                 return

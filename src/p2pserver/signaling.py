@@ -22,7 +22,7 @@ from p2pserver.ice import host_from_header, ice_servers, url_host
 from p2pserver.ratelimit import MemoryLimiter, SlidingWindow, TokenBucket
 from p2pserver.roomcache import RoomCache
 from p2pserver.rooms import Room
-from p2pserver.store import Limiter
+from p2pserver.store import Limiter, StoreUnavailable
 from p2pserver.wsserver import LANE, Lane
 
 if TYPE_CHECKING:  # redis is imported only with --redis
@@ -320,6 +320,8 @@ class Hub:
                 if join is not None:
                     await join
                     join = None  # a finished coroutine still holds its frame's memory
+            except StoreUnavailable:  # Redis away (--redis): not a fault, the client retries
+                self._fatal(conn, m.UNAVAILABLE)
             except Exception:  # a fault of ours (say, the database): close this peer cleanly
                 self._fault(conn)
 
@@ -477,26 +479,57 @@ class Hub:
         if "data" not in message:
             return self._reject(conn, m.BAD_MESSAGE, 'missing "data"')
         target = self.rooms.get(conn.room_id, {}).get(to)
-        instance = None
-        if target is None and self.fleet is not None:  # on another instance?
-            instance = self.remote.get(conn.room_id, {}).get(to)
-        if (target is None and instance is None) or target is conn:
+        if target is None or target is conn:
+            if target is None and self.fleet is not None:  # on another instance, perhaps
+                return self._signal_remote(conn, message, text, to, self.fleet)
             return self._reject(conn, m.UNKNOWN_PEER)
         try:  # json.dumps recurses deeper than json.loads did: data parsed may not encode
             data_text = m.signal_data_text(text, message) if text is not None else None
             relayed = m.encode_signal(conn.peer_id, message["data"], data_text)
         except RecursionError:
             return self._reject(conn, m.BAD_MESSAGE, "nested too deeply")
-        if target is not None:
-            return self._deliver(target, relayed)
-        assert self.fleet is not None and instance is not None
-        if not self.fleet.send(instance, conn.room_id, to, relayed):
+        self._deliver(target, relayed)
+
+    def _signal_remote(
+        self, conn: Connection, message: dict[str, Any], text: str | None, to: str, fleet: Fleet
+    ) -> None:
+        """A signal for a peer of this room on another instance: to that instance's inbox."""
+        assert conn.peer_id is not None and conn.room_id is not None
+        instance = self.remote.get(conn.room_id, {}).get(to)
+        if instance is None:
+            return self._reject(conn, m.UNKNOWN_PEER)
+        try:
+            data_text = m.signal_data_text(text, message) if text is not None else None
+            relayed = m.encode_signal(conn.peer_id, message["data"], data_text)
+        except RecursionError:
+            return self._reject(conn, m.BAD_MESSAGE, "nested too deeply")
+        if not fleet.send(instance, conn.room_id, to, relayed):
             now = time.monotonic()  # lost: counted by the fleet, logged once a minute at most
             if now - self._fleet_drop_logged >= 60.0:
                 self._fleet_drop_logged = now
-                log.warning("%d signal(s) to other instances dropped so far", self.fleet.dropped)
+                log.warning("%d signal(s) to other instances dropped so far", fleet.dropped)
 
     # -- the fleet (--redis): messages from other instances -----------------------------------
+
+    async def resync_fleet(self) -> int:
+        """Redis is back after an outage: put our peers back in their rooms there and learn
+        who else is in them, telling our peers of every change (fleet.py); our peer count."""
+        assert self.fleet is not None
+        local = {room_id: list(peers) for room_id, peers in self.rooms.items()}
+        members = await self.fleet.sync(local)
+        for room_id, listed in members.items():
+            peers = self.rooms.get(room_id)
+            if not peers:  # left meanwhile
+                continue
+            now = {p: i for p, i in listed.items() if i != self.fleet.id}
+            before = self.remote.get(room_id, {})
+            self.remote[room_id] = now
+            conns = list(peers.values())
+            for peer_id in before.keys() - now.keys():
+                self._broadcast(conns, {"type": "peer-left", "peerId": peer_id})
+            for peer_id in now.keys() - before.keys():
+                self._broadcast(conns, {"type": "peer-joined", "peerId": peer_id})
+        return sum(len(peers) for peers in local.values())
 
     def on_fleet_message(self, text: str) -> None:
         """A message from our inbox (fleet.py has the format)."""
@@ -509,9 +542,14 @@ class Hub:
         elif kind == "j":
             room_id, peer_id, instance = rest.split("|")
             peers = self.rooms.get(room_id)
-            if peers:
-                self.remote.setdefault(room_id, {})[peer_id] = instance
-                self._broadcast(list(peers.values()), {"type": "peer-joined", "peerId": peer_id})
+            remote = self.remote.setdefault(room_id, {}) if peers else None
+            if peers and remote is not None and remote.get(peer_id) != instance:
+                known = peer_id in remote  # moved instances: the others knew it already
+                remote[peer_id] = instance
+                if not known:
+                    self._broadcast(
+                        list(peers.values()), {"type": "peer-joined", "peerId": peer_id}
+                    )
         elif kind == "l":
             room_id, peer_id = rest.split("|")
             remote = self.remote.get(room_id)

@@ -17,6 +17,11 @@ from p2pserver.ratelimit import Ticket
 from p2pserver.rooms import Room
 
 
+class StoreUnavailable(Exception):
+    """The store cannot be reached for now (Redis lost): answered 503 or `unavailable`, not a
+    fault of ours; the back end reconnects by itself (docs/deploy.md)."""
+
+
 class Limiter(Protocol):
     """At most `limit` attempts per key in any `window` seconds, counted before each attempt."""
 

@@ -21,6 +21,7 @@ const TEXT = {
   'too-many-connections': 'Too many chat connections from your network. Close some chat tabs.',
   'join-timeout': 'The server did not hear from this page in time. Reload to try again.',
   unreachable: 'Could not reach the chat server. Check your connection and reload the page.',
+  unavailable: 'The chat server is busy recovering. Wait a few seconds and try again.',
 };
 
 // The link carries the room id in the fragment: browsers never send it to servers or proxies
