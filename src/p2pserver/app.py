@@ -69,6 +69,7 @@ def check_settings(settings: Settings) -> None:
         "ws_join_timeout",
         "pin_lockout",
         "redis_presence_ttl",
+        "resume_window",
     ):
         if not getattr(settings, name) > 0:  # `<= 0` would let NaN through
             problems.append(f"--{name.replace('_', '-')} must be positive")

@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(redis://[:PASSWORD@]HOST:PORT/DB)",
     )
     http.add_argument(
+        "--resume-window",
+        type=_duration,
+        default=d.resume_window,
+        help="how long a peer whose connection dropped keeps its place and id (30s)",
+    )
+    http.add_argument(
         "--redis-presence-ttl",
         type=_duration,
         default=d.redis_presence_ttl,

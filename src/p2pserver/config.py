@@ -34,6 +34,7 @@ class Settings:
     ws_connections_per_ip: int = 32
     ws_join_timeout: float = 10.0
     ws_max_errors: int = 50
+    resume_window: float = 30.0  # a dropped peer keeps its place this long (docs/api.md, resume)
     ws_compression: bool = False  # permessage-deflate (RFC 7692), small windows when on
     pin_attempts: int = 5
     pin_lockout: float = 300.0

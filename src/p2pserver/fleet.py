@@ -15,6 +15,9 @@ Inbox messages are text, fields split by "|" (room and peer ids are URL-safe bas
   s|room|to|frame     a relayed signal frame for local peer `to`
   j|room|peer|inst    `peer` joined `room` on instance `inst`
   l|room|peer         `peer` left `room`
+  r|req|room|peer|inst  instance `inst` resumes our `peer`: hand it over (answer with h)
+  h|req|ok|frames     the answer: 1 and the JSON list of frames queued for it, or 0
+  resume:{token}      (a key) "room|peer|instance" of a resume token; used up by a resume
 Joins and leaves publish their j and l messages from inside their scripts. Everything an
 instance sends to Redis goes out in order, from one task, in pipelined batches: a peer's
 signals reach the other instance in the order it sent them, and after its join.
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import random
 import secrets
@@ -51,6 +55,8 @@ from p2pserver.store import StoreUnavailable
 
 log = logging.getLogger("p2pserver.fleet")
 
+HANDOVER_TIMEOUT = 5.0  # seconds a resume waits for the other instance to hand its peer over
+TOKEN_TTL = 24 * 3600  # a resume token's record while its peer is connected (renewed on resume)
 MAX_PENDING = 50_000  # messages waiting for Redis; past it, signals to other instances drop
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0  # seconds between reconnection attempts, doubling
 READ_WAIT = 1.0  # seconds the inbox reader waits for a message before it looks at `up`
@@ -108,6 +114,35 @@ for i = 2, #members, 2 do
   end
 end
 return 1
+"""
+
+# KEYS: resume:{token}. ARGV: room. The token's "room|peer|instance", used up, if it is for
+# this room; a token shown for another room stays as it was.
+_CLAIM = """
+local record = redis.call('GET', KEYS[1])
+if not record then return false end
+if string.sub(record, 1, #ARGV[1] + 1) ~= ARGV[1] .. '|' then return false end
+redis.call('DEL', KEYS[1])
+return record
+"""
+
+# KEYS: members:{room}, peers:{from}, peers:{to}. ARGV: peer, from, to, room, inbox prefix.
+# A resumed peer moves to instance `to`; the others learn where it is (a j for a peer they
+# know tells nobody). Returns the members after, flat.
+_MOVE = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
+local members = redis.call('HGETALL', KEYS[1])
+local told = {}
+for i = 2, #members, 2 do
+  local inst = members[i]
+  if inst ~= ARGV[3] and not told[inst] then
+    told[inst] = true
+    redis.call('PUBLISH', ARGV[5] .. inst, 'j|' .. ARGV[4] .. '|' .. ARGV[1] .. '|' .. ARGV[3])
+  end
+end
+return members
 """
 
 # KEYS: peers:{dead}, instances, alive:{dead}. ARGV: dead instance, key prefix, inbox prefix.
@@ -177,6 +212,7 @@ class Fleet:
         self.up = False  # subscribed and in sync; False while Redis is away
         self._down_since = 0.0
         self.dropped = 0  # signals for other instances dropped (backlog, or Redis away)
+        self._handovers: dict[str, asyncio.Future[list[str] | None]] = {}
 
     # -- life --------------------------------------------------------------------------------
 
@@ -241,6 +277,79 @@ class Fleet:
             return False
         self._queue(_Op(("PUBLISH", INBOX + instance, f"s|{room_id}|{to}|{frame}"), None))
         return True
+
+    # -- resume tokens and handovers (docs/api.md, resume) ------------------------------------
+
+    def _token_key(self, token: str) -> str:
+        return f"{PREFIX}resume:{token}"
+
+    def save_token(self, token: str, room_id: str, peer_id: str) -> None:
+        if self.up:
+            record = f"{room_id}|{peer_id}|{self.id}"
+            self._queue(_Op(("SET", self._token_key(token), record, "EX", TOKEN_TTL), None))
+
+    def hold_token(self, token: str, window: float) -> None:
+        """Its peer dropped: the token lasts the resume window (and a little slack) only."""
+        if self.up:
+            self._queue(_Op(("EXPIRE", self._token_key(token), int(window) + 5), None))
+
+    def forget_token(self, token: str) -> None:
+        if self.up:
+            self._queue(_Op(("DEL", self._token_key(token)), None))
+
+    async def claim_token(self, token: str, room_id: str) -> tuple[str, str] | None:
+        """Use the token up: (peer, instance holding it), or None if it is not for this room
+        (or unknown, used, expired)."""
+        if not self.up:
+            raise StoreUnavailable("Redis is away")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue(_Op(("EVAL", _CLAIM, 1, self._token_key(token), room_id), future))
+        try:
+            record = await future
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if not record:
+            return None
+        _, peer_id, instance = str(record).split("|")
+        return peer_id, instance
+
+    async def handover(self, instance: str, room_id: str, peer_id: str) -> list[str] | None:
+        """Ask `instance` for its peer: what was queued for it, or None if it has it no more."""
+        request = secrets.token_hex(8)
+        future: asyncio.Future[list[str] | None] = asyncio.get_running_loop().create_future()
+        self._handovers[request] = future
+        message = f"r|{request}|{room_id}|{peer_id}|{self.id}"
+        self._queue(_Op(("PUBLISH", INBOX + instance, message), None))
+        try:
+            return await asyncio.wait_for(future, HANDOVER_TIMEOUT)
+        except TimeoutError:
+            return None
+        finally:
+            self._handovers.pop(request, None)
+
+    def reply(self, requester: str, request: str, frames: list[str] | None) -> None:
+        """Answer a handover: h|request|1|[frames...] or h|request|0|."""
+        body = "0|" if frames is None else "1|" + json.dumps(frames)
+        self._queue(_Op(("PUBLISH", INBOX + requester, f"h|{request}|{body}"), None))
+
+    def settle(self, rest: str) -> None:
+        request, ok, body = rest.split("|", 2)
+        future = self._handovers.get(request)
+        if future is not None and not future.done():
+            frames = json.loads(body) if ok == "1" else None
+            future.set_result(frames if isinstance(frames, list) else None)
+
+    async def move(self, room_id: str, peer_id: str, instance: str) -> dict[str, str]:
+        """The peer handed over by `instance` is ours now; the room's members after."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        keys = (f"{PREFIX}members:{room_id}", f"{PREFIX}peers:{instance}", self._peers)
+        args = (peer_id, instance, self.id, room_id, INBOX)
+        self._queue(_Op(("EVAL", _MOVE, 3, *keys, *args), future))
+        try:
+            flat = await future
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return dict(zip(flat[0::2], flat[1::2], strict=True))
 
     async def sync(self, local: dict[str, list[str]]) -> dict[str, dict[str, str]]:
         """After an outage: make Redis say what is true here (`local`: room -> our peers

@@ -34,6 +34,11 @@ ERROR_WINDOW = 10.0  # seconds over which ws_max_errors counts a peer's errors
 MIN_BURST = 10.0  # token bucket size floor, so ICE candidate bursts pass at low rates
 MAX_QUEUED_ITEMS = 1024
 MIN_QUEUED_BYTES = 1024 * 1024
+# A dropped peer waiting to resume keeps at most MAX_QUEUED_ITEMS messages and this many bytes
+# for itself; past either it is treated as gone (docs/api.md, resume).
+HELD_MAX_BYTES = 256 * 1024
+MOVED_FOR = 10.0  # seconds signals for a peer resumed on another instance are passed on
+CLOSE_LOST = 1006  # RFC 6455 §7.1.5: the connection ended without a close frame
 
 
 @dataclass(frozen=True)
@@ -62,9 +67,13 @@ class Connection:
         "dead",
         "detached",
         "errors",
+        "farewell",
+        "held",
         "lane",
         "peer_id",
         "room_id",
+        "timer",
+        "token",
         "ws",
     )
 
@@ -84,6 +93,10 @@ class Connection:
         self.dead = False  # a close is queued: its input is ignored, nothing more is queued
         self.counted = False  # in Hub.connections and its address's count
         self.detached = False  # joined, and the lane took over from ASGI (ws is None then)
+        self.token: str | None = None  # its resume token, from the welcome
+        self.held = False  # the socket is gone; kept for a resume (timer ends the wait)
+        self.timer: asyncio.TimerHandle | None = None
+        self.farewell = False  # closed with a close frame (either side): left, no resume
         rate = settings.ws_messages_per_second
         self.bucket = TokenBucket(rate, max(MIN_BURST, rate), now)
         self.errors = SlidingWindow(settings.ws_max_errors, ERROR_WINDOW)  # >= 1: check_settings
@@ -111,6 +124,25 @@ class Connection:
         self._queued_bytes += len(text)
         queue.put_nowait(text)
         return True
+
+    def hold(self) -> None:
+        """The socket is gone but the peer may resume: from now on messages queue, bounded."""
+        self.held = True
+        self.lane = None
+        self.ws = None
+        self.detached = False
+        self._max_bytes = HELD_MAX_BYTES
+        self._outbox()
+
+    def take_queued(self) -> list[str]:
+        """What was queued for it (a held peer's messages, to go to its new connection)."""
+        queue, frames = self._queue, []
+        while queue is not None and not queue.empty():
+            item = queue.get_nowait()
+            if isinstance(item, str):
+                frames.append(item)
+        self._queued_bytes = 0
+        return frames
 
     def _outbox(self) -> asyncio.Queue[str | _Close]:
         if self._queue is None:
@@ -196,6 +228,8 @@ class Hub:
         self.remote: dict[str, dict[str, str]] = {}
         self._fleet_drop_logged = -60.0
         self.connections: set[Connection] = set()
+        self.tokens: dict[str, Connection] = {}  # resume token -> its peer's connection
+        self._moved: dict[str, tuple[str, float]] = {}  # "room|peer" -> (instance, until)
         self.closing = False
         self._all_gone = asyncio.Event()  # set when closing and the last connection is gone
         self._per_address: Counter[str] = Counter()
@@ -227,6 +261,9 @@ class Hub:
     def prune(self) -> None:
         self._room_failures.prune()
         self._address_failures.prune()
+        now = time.monotonic()
+        for key in [key for key, (_, until) in self._moved.items() if until <= now]:
+            del self._moved[key]
 
     async def close_all(self) -> None:
         """Refuse new peers, close every socket with 1001 (going away), wait for them (5 s)."""
@@ -271,7 +308,8 @@ class Hub:
         """The connection is gone: out of its room, out of the counts (once)."""
         if conn.lane is not None:
             conn.lane.set_handler(None)
-        self._leave(conn)
+        if not self._hold(conn):
+            self._leave(conn)
         if conn.counted:
             conn.counted = False
             self.connections.discard(conn)
@@ -283,6 +321,8 @@ class Hub:
 
     def _lost(self, conn: Connection) -> None:
         """A detached connection is gone (the protocol says so)."""
+        if conn.lane is not None:
+            conn.farewell = conn.lane.closed_cleanly()
         self._release(conn)
         conn.cancel_writer()
 
@@ -312,6 +352,7 @@ class Hub:
                 self._fatal(conn, m.JOIN_TIMEOUT)
                 continue
             if message["type"] == "websocket.disconnect":
+                conn.farewell = message.get("code", CLOSE_LOST) != CLOSE_LOST
                 return False
             if conn.dead:
                 continue
@@ -370,6 +411,103 @@ class Hub:
             return self._join(conn, room_id, message)
         return self._reject(conn, m.BAD_MESSAGE, "unknown message type")
 
+    # -- resuming (docs/api.md, resume) ------------------------------------------------------
+
+    def _hold(self, conn: Connection) -> bool:
+        """A joined peer's socket dropped without a goodbye: keep its place for a resume."""
+        if (
+            conn.token is None
+            or conn.peer_id is None
+            or conn.room_id is None
+            or conn.dead
+            or conn.farewell
+            or self.closing
+            or self.rooms.get(conn.room_id, {}).get(conn.peer_id) is not conn
+        ):
+            return False
+        conn.hold()
+        window = self.settings.resume_window
+        conn.timer = asyncio.get_running_loop().call_later(window, self._drop_held, conn)
+        if self.fleet is not None:
+            self.fleet.hold_token(conn.token, window)
+        log.debug("peer %s dropped: held %.0f s for a resume", conn.peer_id, window)
+        return True
+
+    def _drop_held(self, conn: Connection) -> None:
+        """Nobody resumed in time: the peer is gone, as it would have been without resume."""
+        conn.timer = None
+        if conn.held and not conn.dead:
+            conn.dead = True
+            self._leave(conn)
+
+    def _take_over(self, old: Connection) -> list[str]:
+        """`old` is replaced by a resume: stop its wait or its socket; return its queue."""
+        if old.timer is not None:
+            old.timer.cancel()
+            old.timer = None
+        if old.token is not None:
+            self.tokens.pop(old.token, None)
+            old.token = None
+        frames = old.take_queued() if old.held else []
+        if not old.held:  # still connected as far as we know (its drop not yet seen)
+            old.close(m.CLOSE_RESUMED, "resumed on another connection", flush=False)
+        old.dead = True  # its end leaves nothing: its place is the new connection's now
+        return frames
+
+    async def _resume(self, conn: Connection, room: Room, token: str) -> None:
+        old = self.tokens.get(token)
+        if old is not None:
+            peers = self.rooms.get(room.id, {})
+            if old.room_id != room.id or old.peer_id is None or peers.get(old.peer_id) is not old:
+                return self._fatal(conn, m.RESUME_REFUSED)  # another room's: not used up
+            frames = self._take_over(old)
+            peers[old.peer_id] = conn
+            listed = [p for p in peers if p != old.peer_id] + list(self.remote.get(room.id, {}))
+            return await self._welcome(conn, room, old.peer_id, [], listed, frames)
+        if self.fleet is None:
+            return self._fatal(conn, m.RESUME_REFUSED)
+        await self._resume_elsewhere(conn, room, token, self.fleet)
+
+    async def _resume_elsewhere(
+        self, conn: Connection, room: Room, token: str, fleet: Fleet
+    ) -> None:
+        """The token is another instance's: that instance hands the peer over (fleet.py)."""
+        claimed = await fleet.claim_token(token, room.id)
+        if claimed is None or claimed[1] == fleet.id:
+            return self._fatal(conn, m.RESUME_REFUSED)
+        peer_id, instance = claimed
+        frames = await fleet.handover(instance, room.id, peer_id)
+        if frames is None:  # it went away meanwhile
+            return self._fatal(conn, m.RESUME_REFUSED)
+        members = await fleet.move(room.id, peer_id, instance)
+        if conn.dead or self.closing:  # gone while we waited: now it leaves for real
+            return fleet.leave(room.id, peer_id)
+        peers = self.rooms.get(room.id)
+        if peers is None:
+            peers = self.rooms[room.id] = {}
+            self.remote[room.id] = {p: i for p, i in members.items() if i != fleet.id}
+        self.remote.get(room.id, {}).pop(peer_id, None)  # it is here now: nobody is told
+        peers[peer_id] = conn
+        listed = [p for p in peers if p != peer_id] + list(self.remote.get(room.id, {}))
+        await self._welcome(conn, room, peer_id, [], listed, frames)
+
+    def _give_away(self, room_id: str, peer_id: str, requester: str) -> list[str] | None:
+        """Another instance resumes our peer: hand it over, with what was queued for it."""
+        peers = self.rooms.get(room_id)
+        old = peers.get(peer_id) if peers else None
+        if peers is None or old is None or old.dead:
+            return None
+        frames = self._take_over(old)
+        del peers[peer_id]
+        # Signals already on their way here follow it for a while (sweep prunes the table).
+        self._moved[f"{room_id}|{peer_id}"] = (requester, time.monotonic() + MOVED_FOR)
+        if peers:  # our other peers know it already: it is only elsewhere now
+            self.remote.setdefault(room_id, {})[peer_id] = requester
+        else:
+            del self.rooms[room_id]
+            self.remote.pop(room_id, None)
+        return frames
+
     # -- joining -----------------------------------------------------------------------------
 
     async def _check_pin(self, conn: Connection, room: Room, pin: str) -> m.ErrorCode | None:
@@ -392,9 +530,16 @@ class Hub:
         pin = message.get("pin")
         if pin is not None and not isinstance(pin, str):
             return self._reject(conn, m.BAD_MESSAGE, '"pin" must be a string')
+        resume = message.get("resume")
+        if resume is not None and not isinstance(resume, str):
+            return self._reject(conn, m.BAD_MESSAGE, '"resume" must be a string')
         room = await self._store().get(room_id, time.time())
         if room is None:
             return self._fatal(conn, m.ROOM_NOT_FOUND)
+        if resume is not None:  # the token stands for the PIN it was given after
+            if conn.dead or self.closing:
+                return None
+            return await self._resume(conn, room, resume)
         if room.has_pin:
             if not pin:
                 return self._fatal(conn, m.PIN_REQUIRED)
@@ -437,9 +582,15 @@ class Hub:
         peer_id: str,
         others: list[Connection],
         listed: list[str],
+        resumed: list[str] | None = None,
     ) -> None:
-        """The peer is in the room: welcome it, tell the others here (peer-joined)."""
+        """The peer is in the room: welcome it, tell the others here (peer-joined), or, when
+        it resumed, nobody, and give it what was queued for it meanwhile."""
         conn.peer_id, conn.room_id = peer_id, room.id
+        conn.token = token = secrets.token_urlsafe(18)
+        self.tokens[token] = conn
+        if self.fleet is not None:
+            self.fleet.save_token(token, room.id, peer_id)
         log.debug("peer %s joined room %s.. (%d here)", peer_id, room.id[:6], len(others) + 1)
         welcome = {
             "type": "welcome",
@@ -450,9 +601,15 @@ class Hub:
             ),
             # A private room's peers gather relay candidates only (docs/web.md, private rooms).
             "iceTransportPolicy": "relay" if room.private else "all",
+            "resume": token,  # rejoin with it within --resume-window (docs/api.md)
         }
+        if resumed is not None:
+            welcome["resumed"] = True
         self._deliver(conn, welcome)
-        self._broadcast(others, {"type": "peer-joined", "peerId": peer_id})
+        if resumed is None:
+            self._broadcast(others, {"type": "peer-joined", "peerId": peer_id})
+        for frame in resumed or ():
+            self._deliver(conn, frame)
         if conn.lane is not None and not conn.dead:
             conn.lane.set_handler(functools.partial(self._on_lane_frame, conn))
         await self._store().touch([room.id], time.time())
@@ -537,8 +694,12 @@ class Hub:
         if kind == "s":
             room_id, to, frame = rest.split("|", 2)
             target = self.rooms.get(room_id, {}).get(to)
-            if target is not None:  # else it left meanwhile: the sender hears peer-left
+            if target is not None:
                 self._deliver(target, frame)
+            elif self.fleet is not None:  # resumed elsewhere just now: after it (else it left)
+                moved = self._moved.get(f"{room_id}|{to}")
+                if moved is not None and moved[1] > time.monotonic():
+                    self.fleet.send(moved[0], room_id, to, frame)
         elif kind == "j":
             room_id, peer_id, instance = rest.split("|")
             peers = self.rooms.get(room_id)
@@ -550,6 +711,13 @@ class Hub:
                     self._broadcast(
                         list(peers.values()), {"type": "peer-joined", "peerId": peer_id}
                     )
+        elif kind == "r":  # another instance resumes one of our peers
+            request, room_id, peer_id, requester = rest.split("|")
+            assert self.fleet is not None
+            self.fleet.reply(requester, request, self._give_away(room_id, peer_id, requester))
+        elif kind == "h":
+            assert self.fleet is not None
+            self.fleet.settle(rest)
         elif kind == "l":
             room_id, peer_id = rest.split("|")
             remote = self.remote.get(room_id)
@@ -586,6 +754,14 @@ class Hub:
         if peers is None or peers.get(conn.peer_id) is not conn:
             return
         del peers[conn.peer_id]
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        if conn.token is not None:
+            self.tokens.pop(conn.token, None)
+            if self.fleet is not None:
+                self.fleet.forget_token(conn.token)
+            conn.token = None
         if self.fleet is not None:  # the others, wherever they are, hear it from Redis
             self.fleet.leave(conn.room_id, conn.peer_id)
         if not peers:

@@ -200,3 +200,9 @@ def test_redis_flag_and_environment_variable() -> None:
     assert parse_settings([]).redis is None
     assert parse_settings(["--redis", "redis://r:6379/0"]).redis == "redis://r:6379/0"
     assert parse_settings([], {"P2P_REDIS": "redis://e:6379/2"}).redis == "redis://e:6379/2"
+
+
+def test_resume_window_flag() -> None:
+    assert parse_settings([]).resume_window == 30.0
+    assert parse_settings(["--resume-window", "1m"]).resume_window == 60.0
+    assert parse_settings([], {"P2P_RESUME_WINDOW": "5"}).resume_window == 5.0
