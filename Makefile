@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench bench-signaling clean
+.PHONY: install run test lint format bench bench-signaling bench-fleet clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
@@ -38,6 +38,10 @@ bench: $(STAMP)
 # Needs node and npm; installs PeerJS server into a temporary folder (bench/README.md).
 bench-signaling: $(STAMP)
 	$(BIN)/python bench/signaling.py $(ARGS)
+
+# Needs node, npm and redis-server: same instance vs two instances through Redis (bench/README.md).
+bench-fleet: $(STAMP)
+	$(BIN)/python bench/fleet.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .ruff_cache

@@ -16,6 +16,9 @@ const [mode, kind, base, ...rest] = process.argv.slice(2);
 const opt = Object.fromEntries(rest.map((arg) => arg.split("=")));
 const num = (name, fallback) => (opt[name] === undefined ? fallback : Number(opt[name]));
 const wsBase = base.replace(/^http/, "ws");
+// second=URL (p2p only): the second peer of each room connects there (another instance of a
+// fleet sharing one Redis, bench/fleet.py); rooms are still created on BASE_URL.
+const wsSecond = opt.second ? opt.second.replace(/^http/, "ws") : wsBase;
 const OPEN_TIMEOUT = num("open_timeout", 30) * 1000;
 const HARD_LIMIT = num("hard_limit", 120) * 1000; // the whole run, whatever happens
 setTimeout(() => {
@@ -61,12 +64,12 @@ function createRoom() {
 }
 
 // A connected, ready peer: p2pserver's welcome, or PeerJS server's OPEN. Rejects with a reason.
-function openPeer(room) {
+function openPeer(room, where = wsBase) {
   return new Promise((resolve, reject) => {
     let id;
     let url;
     if (kind === "p2p") {
-      url = `${wsBase}/ws/${room}`;
+      url = `${where}/ws/${room}`;
     } else {
       id = randomBytes(9).toString("base64url");
       url = `${wsBase}/peerjs?key=peerjs&id=${id}&token=${randomBytes(6).toString("hex")}`;
@@ -125,7 +128,7 @@ async function pool(count, inFlight, job) {
 async function openPair() {
   const room = kind === "p2p" ? await createRoom() : null;
   const a = await openPeer(room);
-  const b = await openPeer(room);
+  const b = await openPeer(room, wsSecond);
   a.partner = b.id;
   b.partner = a.id;
   return [a, b];

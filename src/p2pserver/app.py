@@ -27,10 +27,10 @@ from starlette.websockets import WebSocket
 from p2pserver.config import Settings
 from p2pserver.ice import url_host
 from p2pserver.metrics import HttpMetrics, Metrics
-from p2pserver.ratelimit import SlidingWindow
+from p2pserver.ratelimit import MemoryLimiter
 from p2pserver.roomcache import RoomCache
-from p2pserver.rooms import RoomStore
 from p2pserver.signaling import Hub, client_address
+from p2pserver.store import Limiter, StoreUnavailable, open_store
 
 log = logging.getLogger("p2pserver.app")
 
@@ -65,7 +65,14 @@ def check_settings(settings: Settings) -> None:
     ):
         if getattr(settings, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("room_ttl", "ws_messages_per_second", "ws_join_timeout", "pin_lockout"):
+    for name in (
+        "room_ttl",
+        "ws_messages_per_second",
+        "ws_join_timeout",
+        "pin_lockout",
+        "redis_presence_ttl",
+        "resume_window",
+    ):
         if not getattr(settings, name) > 0:  # `<= 0` would let NaN through
             problems.append(f"--{name.replace('_', '-')} must be positive")
     if settings.public_host is not None and url_host(settings.public_host) is None:
@@ -131,7 +138,7 @@ async def create_chat(request: Request) -> Response:
 
 async def _create_chat(request: Request) -> Response:
     settings: Settings = request.app.state.settings
-    limiter: SlidingWindow = request.app.state.create_limiter
+    limiter: Limiter = request.app.state.create_limiter
     body = await _read_body(request)
     if body is None:
         return _error(413, "too-large", f"body larger than {MAX_BODY} bytes")
@@ -139,13 +146,14 @@ async def _create_chat(request: Request) -> Response:
         with_pin, max_peers, private = _parse_create(body, settings)
     except _BadRequest as exc:
         return _error(400, "bad-request", str(exc))
-    address, now = client_address(request), time.monotonic()
-    if not limiter.allowed(address, now):
-        wait = max(1, round(limiter.retry_after(address, now) + 0.5))
+    ticket, wait = await limiter.acquire(client_address(request))
+    if ticket is None:
         return _error(
-            429, "rate-limited", "too many rooms created, slow down", {"Retry-After": str(wait)}
+            429,
+            "rate-limited",
+            "too many rooms created, slow down",
+            {"Retry-After": str(max(1, round(wait + 0.5)))},
         )
-    limiter.hit(address, now)
     store: RoomCache = request.app.state.hub.store
     room_id, pin = await store.create(
         with_pin=with_pin, max_peers=max_peers, now=time.time(), private=private
@@ -165,6 +173,9 @@ async def healthz(request: Request) -> Response:
     hub: Hub = request.app.state.hub
     db_ok = hub.store is not None and await hub.store.ping()
     body: dict[str, Any] = {"db": "ok" if db_ok else "down", "signaling": hub.stats()}
+    if hub.fleet is not None:  # --redis: this instance in its fleet
+        db_ok = db_ok and hub.fleet.up
+        body["fleet"] = {"instance": hub.fleet.id, "redis": "up" if hub.fleet.up else "down"}
     turn = request.app.state.turn
     turn_ok = True
     if not request.app.state.settings.turn:
@@ -187,7 +198,13 @@ async def healthz(request: Request) -> Response:
             body["turn"]["workers"] = workers
         if turn is not None:  # reported, not part of the status: see docs/operations.md
             body["turn"]["selfTest"] = turn.self_test.report()
-    body["status"] = "ok" if db_ok and turn_ok else "down"
+    if db_ok and turn_ok:
+        body["status"] = "ok"
+    elif hub.fleet is not None and turn_ok:
+        # Redis away: peers here go on talking, nothing new can start (docs/deploy.md).
+        body["status"] = "degraded"
+    else:
+        body["status"] = "down"
     return JSONResponse(body, 200 if db_ok and turn_ok else 503)
 
 
@@ -266,12 +283,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    # Redis away (--redis): try again shortly; the server reconnects by itself.
+    message = "the room store cannot be reached; try again shortly"
+    return _error(503, "unavailable", message, {"Retry-After": "5"})
+
+
 async def _server_error(request: Request, exc: Exception) -> Response:
     return _error(500, "internal", "internal server error")
 
 
 async def sweep_forever(
-    hub: Hub, store: RoomCache, create_limiter: SlidingWindow, interval: float
+    hub: Hub, store: RoomCache, create_limiter: Limiter, interval: float
 ) -> None:
     """Keep rooms with connected peers fresh, delete idle ones, forget old rate-limit entries."""
     while True:
@@ -279,10 +302,12 @@ async def sweep_forever(
         try:
             await store.touch(hub.active_rooms(), time.time())
             deleted = await store.sweep(time.time())
-            hub.prune(asyncio.get_running_loop().time())
-            create_limiter.prune(time.monotonic())  # the clock create_chat uses
+            hub.prune()
+            create_limiter.prune()
             if deleted:
                 log.info("expired %d idle room(s)", deleted)
+        except StoreUnavailable:  # Redis away: the fleet says so once; sweep again next time
+            pass
         except Exception:  # keep sweeping; a transient DB error must not end expiry for good
             log.exception("room sweep failed")
 
@@ -293,10 +318,26 @@ def create_app(settings: Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = RoomCache(await RoomStore.open(settings.db, settings.room_ttl))
+        store = RoomCache(await open_store(settings))
         try:
-            hub.store = store
+            hub.use_store(store)
+            # Per address, where the store keeps limits (shared by a fleet with --redis).
+            app.state.create_limiter = store.limiter("create", settings.rooms_per_minute, 60.0)
             hub.secret = settings.secret or await store.turn_secret()
+            if settings.redis:  # signaling across instances (fleet.py)
+                from p2pserver.fleet import Fleet
+                from p2pserver.redisstore import RedisRoomStore
+
+                assert isinstance(store.store, RedisRoomStore)
+                fleet = Fleet(
+                    store.store.client,
+                    hub.on_fleet_message,
+                    settings.redis_presence_ttl,
+                    settings.redis,
+                )
+                fleet.on_resync = hub.resync_fleet
+                await fleet.start()
+                hub.fleet = fleet
             if settings.turn and app.state.turn is None:  # the CLI starts it before uvicorn
                 from p2pserver.turn.workers import turn_server
 
@@ -313,11 +354,14 @@ def create_app(settings: Settings) -> Starlette:
                 sweeper.cancel()
                 # Normally DrainingServer has done this already; here for other ASGI servers.
                 await hub.close_all()
+                if hub.fleet is not None:  # after close_all: its peers' leaves go out first
+                    await hub.fleet.stop()
+                    hub.fleet = None
                 if app.state.turn is not None:
                     await app.state.turn.stop()
                     app.state.turn = None
         finally:
-            hub.store = None
+            hub.use_store(None)
             await store.close()
 
     metrics = Metrics(settings.metrics_allow)
@@ -345,7 +389,11 @@ def create_app(settings: Settings) -> Starlette:
                 allow_credentials=False,
             ),
         ],
-        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+        exception_handlers={
+            HTTPException: _http_error,
+            StoreUnavailable: _unavailable,
+            Exception: _server_error,
+        },
         lifespan=lifespan,
     )
     app.state.settings = settings
@@ -354,5 +402,5 @@ def create_app(settings: Settings) -> Starlette:
     app.state.metrics = metrics
     metrics.turn = lambda: app.state.turn.stats() if app.state.turn is not None else None
     metrics.signaling = lambda: {**hub.stats(), **hub.counts}
-    app.state.create_limiter = SlidingWindow(settings.rooms_per_minute, 60.0)
+    app.state.create_limiter = MemoryLimiter(settings.rooms_per_minute, 60.0)
     return app

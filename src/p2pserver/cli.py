@@ -97,6 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--http-port", type=int, default=d.http_port, help="HTTP port (3000)")
     http.add_argument("--db", default=d.db, help="SQLite database file (p2pserver.db)")
     http.add_argument(
+        "--redis",
+        default=None,
+        metavar="URL",
+        help="keep rooms in Redis instead of --db, shared by every instance given the same URL "
+        "(redis://[:PASSWORD@]HOST:PORT/DB)",
+    )
+    http.add_argument(
+        "--resume-window",
+        type=_duration,
+        default=d.resume_window,
+        help="how long a peer whose connection dropped keeps its place and id (30s)",
+    )
+    http.add_argument(
+        "--redis-presence-ttl",
+        type=_duration,
+        default=d.redis_presence_ttl,
+        help="with --redis: an instance that stops renewing its presence for this long is "
+        "gone, and its peers are reported left within 1.5 times it (10s)",
+    )
+    http.add_argument(
         "--public-host",
         default=None,
         help="host name or IP put in iceServers URLs (default: the host the client used)",
@@ -320,6 +340,8 @@ async def serve_turn_only(settings: Settings) -> None:
 async def _stored_secret(settings: Settings) -> str:
     """Open the database once before serving, so that one that does not open ends start-up
     with one line; return the TURN REST API secret (--secret, else the stored one)."""
+    if settings.redis:
+        return await _redis_secret(settings, settings.redis)
     from p2pserver.rooms import RoomStore
 
     try:
@@ -332,6 +354,24 @@ async def _stored_secret(settings: Settings) -> str:
         raise StartupError(f"cannot open the database {settings.db}: {exc}") from exc
     try:
         return settings.secret or await store.turn_secret()
+    finally:
+        await store.close()
+
+
+async def _redis_secret(settings: Settings, url: str) -> str:
+    """As _stored_secret, for --redis: Redis that does not answer ends start-up in one line."""
+    from redis.exceptions import RedisError
+
+    from p2pserver.redisstore import RedisRoomStore, redacted
+
+    try:
+        store = await RedisRoomStore.open(url, settings.room_ttl)
+    except (RedisError, OSError, ValueError) as exc:  # ValueError: a malformed URL
+        raise StartupError(f"cannot reach Redis at {redacted(url)}: {exc}") from exc
+    try:
+        return settings.secret or await store.turn_secret()
+    except (RedisError, OSError) as exc:
+        raise StartupError(f"cannot use Redis at {redacted(url)}: {exc}") from exc
     finally:
         await store.close()
 
@@ -429,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return check(argv[1:])
     settings = parse_settings(argv)
-    if settings.http and (problem := database_problem(settings.db)):
+    if settings.http and not settings.redis and (problem := database_problem(settings.db)):
         print(f"p2pserver: error: {problem}", file=sys.stderr)
         return 1
     configure_logging(settings.log_level, settings.log_format)

@@ -20,6 +20,8 @@ class Settings:
     http_host: str = "0.0.0.0"
     http_port: int = 3000
     db: str = "p2pserver.db"
+    redis: str | None = None  # redis:// URL: the store a fleet of instances shares (docs/deploy.md)
+    redis_presence_ttl: float = 10.0  # a dead instance's peers are reported left within 1.5x this
     public_host: str | None = None
     cors_origins: tuple[str, ...] = ("*",)
     room_ttl: float = 24 * 3600.0
@@ -32,6 +34,7 @@ class Settings:
     ws_connections_per_ip: int = 32
     ws_join_timeout: float = 10.0
     ws_max_errors: int = 50
+    resume_window: float = 30.0  # a dropped peer keeps its place this long (docs/api.md, resume)
     ws_compression: bool = False  # permessage-deflate (RFC 7692), small windows when on
     pin_attempts: int = 5
     pin_lockout: float = 300.0

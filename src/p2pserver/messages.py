@@ -26,6 +26,12 @@ TOO_MANY_CONNECTIONS = ErrorCode(
 )
 TOO_MANY_ERRORS = ErrorCode("too-many-errors", "too many invalid or excess messages", 4400)
 TOO_SLOW = ErrorCode("too-slow", "messages for you piled up unread", 4420)
+RESUME_REFUSED = ErrorCode(
+    "resume-refused", "this resume token is not valid (used, expired, or for another room)", 4410
+)
+UNAVAILABLE = ErrorCode(
+    "unavailable", "the server cannot reach its room store; try again shortly", 4503
+)
 
 # Non-fatal: answered, the message is dropped, the socket stays open.
 BAD_MESSAGE = ErrorCode("bad-message", "malformed message")
@@ -43,10 +49,13 @@ FATAL_ERRORS: tuple[ErrorCode, ...] = (
     TOO_MANY_CONNECTIONS,
     TOO_MANY_ERRORS,
     TOO_SLOW,
+    RESUME_REFUSED,
+    UNAVAILABLE,
 )
 NON_FATAL_ERRORS: tuple[ErrorCode, ...] = (BAD_MESSAGE, UNKNOWN_PEER, TOO_LARGE, RATE_LIMITED)
 
 CLOSE_GOING_AWAY = 1001  # server shutting down
+CLOSE_RESUMED = 4000  # the peer resumed on another connection; this one is closed (no leave)
 CLOSE_INTERNAL_ERROR = 1011  # a fault on the server's side
 
 

@@ -176,17 +176,17 @@ def signaling_metrics(stats: Mapping[str, Any]) -> Iterator[Metric]:
         "join_failures": CounterMetricFamily(
             "p2pserver_signaling_join_failures", "Joins refused, by error code", labels=["reason"]
         ),
+        "pin_lockouts": CounterMetricFamily(
+            "p2pserver_pin_lockouts",
+            "Join attempts refused because the room or the address is locked out (wrong PINs)",
+            labels=["scope"],
+        ),
     }
     for key, value in stats.items():
         kind, _, label = key.partition(".")
         if kind in families and label:
             families[kind].add_metric([label], value)
     yield from families.values()
-    yield CounterMetricFamily(
-        "p2pserver_pin_lockouts",
-        "Rooms or addresses locked out after too many wrong PINs",
-        value=stats.get("pin_lockouts", 0),
-    )
 
 
 class HttpMetrics:

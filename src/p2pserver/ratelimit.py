@@ -1,8 +1,13 @@
-"""In-memory rate limits: a token bucket per WebSocket and keyed sliding windows."""
+"""In-memory rate limits: a token bucket per WebSocket, keyed sliding windows, and the
+Limiter (store.py) a one-process store keeps in memory."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
+
+# What a Limiter (store.py) hands out for an attempt that counted; give it back to un-count it.
+Ticket = object
 
 
 class TokenBucket:
@@ -64,6 +69,14 @@ class SlidingWindow:
             events = self._events[key] = deque(maxlen=max(self.limit, 1))
         events.append(now)
 
+    def forget(self, key: str, stamp: float) -> None:
+        """Take back one event `hit` recorded at `stamp` (an attempt that did not count)."""
+        events = self._events.get(key)
+        if events is not None and stamp in events:
+            events.remove(stamp)
+            if not events:
+                del self._events[key]
+
     def retry_after(self, key: str, now: float) -> float:
         """Seconds until `allowed(key)` turns true again (0 if it already is)."""
         events = self._recent(key, now)
@@ -77,3 +90,27 @@ class SlidingWindow:
 
     def __len__(self) -> int:
         return len(self._events)
+
+
+class MemoryLimiter:
+    """A Limiter in this process's memory (a SlidingWindow on the monotonic clock)."""
+
+    def __init__(self, limit: int, window: float) -> None:
+        self.window = SlidingWindow(limit, window)
+
+    async def acquire(self, key: str) -> tuple[Ticket | None, float]:
+        return self.take(key)
+
+    def take(self, key: str) -> tuple[float | None, float]:
+        now = time.monotonic()
+        if not self.window.allowed(key, now):
+            return None, self.window.retry_after(key, now)
+        self.window.hit(key, now)
+        return now, 0.0
+
+    async def release(self, key: str, ticket: Ticket) -> None:
+        assert isinstance(ticket, float)
+        self.window.forget(key, ticket)
+
+    def prune(self) -> None:
+        self.window.prune(time.monotonic())

@@ -3,8 +3,8 @@
 Rooms are tiny and read-mostly: a room is written once (create), read by every join and
 check-chat, and only its last_active changes afterwards. So joins are answered from memory and
 touches are batched: they go to the store from one writer task, as many rooms per write as
-piled up while the previous write ran. The cache knows nothing of the store's back end; any
-store with RoomStore's methods will do.
+piled up while the previous write ran. The cache knows nothing of the store's back end (SQLite
+or Redis): it uses the store interface of store.py only.
 
 Several processes may share one store: an entry is re-read after MAX_AGE seconds, so a change
 made elsewhere (a room swept as expired) is seen within that time, and a room that looks
@@ -21,7 +21,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from p2pserver.rooms import Room, RoomStore, is_room_id
+from p2pserver.rooms import Room, is_room_id
+from p2pserver.store import Limiter, Store, StoreUnavailable
 
 log = logging.getLogger("p2pserver.rooms")
 
@@ -31,7 +32,7 @@ MAX_AGE = 30.0  # seconds before an entry is read from the store again
 
 class RoomCache:
     def __init__(
-        self, store: RoomStore, *, max_entries: int = MAX_ENTRIES, max_age: float = MAX_AGE
+        self, store: Store, *, max_entries: int = MAX_ENTRIES, max_age: float = MAX_AGE
     ) -> None:
         self.store = store
         self.max_entries = max_entries
@@ -77,6 +78,9 @@ class RoomCache:
 
     async def turn_secret(self) -> str:
         return await self.store.turn_secret()
+
+    def limiter(self, name: str, limit: int, window: float) -> Limiter:
+        return self.store.limiter(name, limit, window)
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -135,6 +139,8 @@ class RoomCache:
             touches, self._touches = self._touches, {}
             try:
                 await self._store_touches(touches)
+            except StoreUnavailable:  # Redis away: rooms with peers are touched again later
+                return
             except Exception:  # the next touch or sweep tries again; the room is not lost
                 log.exception("writing room activity failed")
                 return

@@ -1,4 +1,6 @@
-"""RoomStore: rooms and server metadata in SQLite (aiosqlite, WAL), with a versioned schema."""
+"""RoomStore: rooms and server metadata in SQLite (aiosqlite, WAL), with a versioned schema.
+
+The default back end of the store interface (store.py); redisstore.py is the other."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import aiosqlite
 
 from p2pserver import pins
+from p2pserver.ratelimit import MemoryLimiter
 
 # token_urlsafe(16): 128 random bits in 22 URL-safe characters.
 ROOM_ID_BYTES = 16
@@ -66,6 +69,14 @@ async def _v2(db: aiosqlite.Connection) -> None:
 # field are at every version.
 MIGRATIONS: tuple[Migration, ...] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+async def check_pin(room: Room, pin: str) -> bool:
+    """`pin` opens `room` (a room without a PIN opens with any)."""
+    if room.pin_hash is None:
+        return True
+    # scrypt is deliberately slow: keep it off the event loop.
+    return await asyncio.to_thread(pins.verify_pin, pin, room.pin_hash)
 
 
 class RoomStore:
@@ -213,10 +224,11 @@ class RoomStore:
         return None if row is None else Room(*row[:5], private=bool(row[5]))
 
     async def verify_pin(self, room: Room, pin: str) -> bool:
-        if room.pin_hash is None:
-            return True
-        # scrypt is deliberately slow: keep it off the event loop.
-        return await asyncio.to_thread(pins.verify_pin, pin, room.pin_hash)
+        return await check_pin(room, pin)
+
+    def limiter(self, name: str, limit: int, window: float) -> MemoryLimiter:
+        """One process uses the file: its rate limits can stay in its memory (store.py)."""
+        return MemoryLimiter(limit, window)
 
     async def touch(self, room_ids: Iterable[str], now: float) -> None:
         rows = [(now, room_id, now) for room_id in room_ids]

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import HTTPConnection
 from starlette.websockets import WebSocket, WebSocketDisconnect
@@ -19,10 +19,14 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from p2pserver import messages as m
 from p2pserver.config import Settings
 from p2pserver.ice import host_from_header, ice_servers, url_host
-from p2pserver.ratelimit import SlidingWindow, TokenBucket
+from p2pserver.ratelimit import MemoryLimiter, SlidingWindow, TokenBucket
 from p2pserver.roomcache import RoomCache
 from p2pserver.rooms import Room
+from p2pserver.store import Limiter, StoreUnavailable
 from p2pserver.wsserver import LANE, Lane
+
+if TYPE_CHECKING:  # redis is imported only with --redis
+    from p2pserver.fleet import Fleet
 
 log = logging.getLogger("p2pserver.signaling")
 
@@ -30,6 +34,11 @@ ERROR_WINDOW = 10.0  # seconds over which ws_max_errors counts a peer's errors
 MIN_BURST = 10.0  # token bucket size floor, so ICE candidate bursts pass at low rates
 MAX_QUEUED_ITEMS = 1024
 MIN_QUEUED_BYTES = 1024 * 1024
+# A dropped peer waiting to resume keeps at most MAX_QUEUED_ITEMS messages and this many bytes
+# for itself; past either it is treated as gone (docs/api.md, resume).
+HELD_MAX_BYTES = 256 * 1024
+MOVED_FOR = 10.0  # seconds signals for a peer resumed on another instance are passed on
+CLOSE_LOST = 1006  # RFC 6455 §7.1.5: the connection ended without a close frame
 
 
 @dataclass(frozen=True)
@@ -58,9 +67,13 @@ class Connection:
         "dead",
         "detached",
         "errors",
+        "farewell",
+        "held",
         "lane",
         "peer_id",
         "room_id",
+        "timer",
+        "token",
         "ws",
     )
 
@@ -80,6 +93,10 @@ class Connection:
         self.dead = False  # a close is queued: its input is ignored, nothing more is queued
         self.counted = False  # in Hub.connections and its address's count
         self.detached = False  # joined, and the lane took over from ASGI (ws is None then)
+        self.token: str | None = None  # its resume token, from the welcome
+        self.held = False  # the socket is gone; kept for a resume (timer ends the wait)
+        self.timer: asyncio.TimerHandle | None = None
+        self.farewell = False  # closed with a close frame (either side): left, no resume
         rate = settings.ws_messages_per_second
         self.bucket = TokenBucket(rate, max(MIN_BURST, rate), now)
         self.errors = SlidingWindow(settings.ws_max_errors, ERROR_WINDOW)  # >= 1: check_settings
@@ -107,6 +124,25 @@ class Connection:
         self._queued_bytes += len(text)
         queue.put_nowait(text)
         return True
+
+    def hold(self) -> None:
+        """The socket is gone but the peer may resume: from now on messages queue, bounded."""
+        self.held = True
+        self.lane = None
+        self.ws = None
+        self.detached = False
+        self._max_bytes = HELD_MAX_BYTES
+        self._outbox()
+
+    def take_queued(self) -> list[str]:
+        """What was queued for it (a held peer's messages, to go to its new connection)."""
+        queue, frames = self._queue, []
+        while queue is not None and not queue.empty():
+            item = queue.get_nowait()
+            if isinstance(item, str):
+                frames.append(item)
+        self._queued_bytes = 0
+        return frames
 
     def _outbox(self) -> asyncio.Queue[str | _Close]:
         if self._queue is None:
@@ -190,16 +226,32 @@ class Hub:
         # check_settings guarantees --public-host is a host name or IP.
         self._public_host = url_host(settings.public_host) if settings.public_host else None
         self.rooms: dict[str, dict[str, Connection]] = {}
+        # With --redis: the fleet, and per room with peers here, its peers on other instances.
+        self.fleet: Fleet | None = None
+        self.remote: dict[str, dict[str, str]] = {}
+        self._fleet_drop_logged = -60.0
         self.connections: set[Connection] = set()
+        self.tokens: dict[str, Connection] = {}  # resume token -> its peer's connection
+        self._moved: dict[str, tuple[str, float]] = {}  # "room|peer" -> (instance, until)
         self.closing = False
         self._all_gone = asyncio.Event()  # set when closing and the last connection is gone
         self._per_address: Counter[str] = Counter()
-        self._room_failures = SlidingWindow(settings.pin_attempts, settings.pin_lockout)
-        self._address_failures = SlidingWindow(settings.pin_attempts, settings.pin_lockout)
-        self._pins_pending: Counter[str] = Counter()  # PIN checks in flight, per room and address
+        # Wrong PINs per room and per address; use_store puts them where the store keeps limits.
+        self._room_failures: Limiter = MemoryLimiter(settings.pin_attempts, settings.pin_lockout)
+        self._address_failures: Limiter = MemoryLimiter(settings.pin_attempts, settings.pin_lockout)
+
         # Counters for /metrics (docs/operations.md): "messages.<type>", "join_failures.<code>",
-        # "pin_lockouts". Flat keys, read at scrape time; only ever incremented.
+        # "pin_lockouts.<room|address>". Flat keys, read at scrape time; only ever incremented.
         self.counts: Counter[str] = Counter()
+
+    def use_store(self, store: RoomCache | None) -> None:
+        """Serve rooms from `store`, and keep the wrong-PIN counts where it keeps limits (in
+        Redis with --redis, so the lock-out holds across instances)."""
+        self.store = store
+        if store is not None:
+            limit, window = self.settings.pin_attempts, self.settings.pin_lockout
+            self._room_failures = store.limiter("pin-room", limit, window)
+            self._address_failures = store.limiter("pin-address", limit, window)
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -213,9 +265,12 @@ class Hub:
     def active_rooms(self) -> list[str]:
         return list(self.rooms)
 
-    def prune(self, now: float) -> None:
-        self._room_failures.prune(now)
-        self._address_failures.prune(now)
+    def prune(self) -> None:
+        self._room_failures.prune()
+        self._address_failures.prune()
+        now = time.monotonic()
+        for key in [key for key, (_, until) in self._moved.items() if until <= now]:
+            del self._moved[key]
 
     async def close_all(self) -> None:
         """Refuse new peers, close every socket with 1001 (going away), wait for them (5 s)."""
@@ -260,7 +315,8 @@ class Hub:
         """The connection is gone: out of its room, out of the counts (once)."""
         if conn.lane is not None:
             conn.lane.set_handler(None)
-        self._leave(conn)
+        if not self._hold(conn):
+            self._leave(conn)
         if conn.counted:
             conn.counted = False
             self.connections.discard(conn)
@@ -272,6 +328,8 @@ class Hub:
 
     def _lost(self, conn: Connection) -> None:
         """A detached connection is gone (the protocol says so)."""
+        if conn.lane is not None:
+            conn.farewell = conn.lane.closed_cleanly()
         self._release(conn)
         conn.cancel_writer()
 
@@ -301,6 +359,7 @@ class Hub:
                 self._fatal(conn, m.JOIN_TIMEOUT)
                 continue
             if message["type"] == "websocket.disconnect":
+                conn.farewell = message.get("code", CLOSE_LOST) != CLOSE_LOST
                 return False
             if conn.dead:
                 continue
@@ -309,6 +368,8 @@ class Hub:
                 if join is not None:
                     await join
                     join = None  # a finished coroutine still holds its frame's memory
+            except StoreUnavailable:  # Redis away (--redis): not a fault, the client retries
+                self._join_failed(conn, m.UNAVAILABLE)
             except Exception:  # a fault of ours (say, the database): close this peer cleanly
                 self._fault(conn)
 
@@ -358,48 +419,137 @@ class Hub:
             return self._join(conn, room_id, message)
         return self._reject(conn, m.BAD_MESSAGE, "unknown message type")
 
+    # -- resuming (docs/api.md, resume) ------------------------------------------------------
+
+    def _hold(self, conn: Connection) -> bool:
+        """A joined peer's socket dropped without a goodbye: keep its place for a resume."""
+        if (
+            conn.token is None
+            or conn.peer_id is None
+            or conn.room_id is None
+            or conn.dead
+            or conn.farewell
+            or self.closing
+            or self.rooms.get(conn.room_id, {}).get(conn.peer_id) is not conn
+        ):
+            return False
+        conn.hold()
+        window = self.settings.resume_window
+        conn.timer = asyncio.get_running_loop().call_later(window, self._drop_held, conn)
+        if self.fleet is not None:
+            self.fleet.hold_token(conn.token, window)
+        log.debug("peer %s dropped: held %.0f s for a resume", conn.peer_id, window)
+        return True
+
+    def _drop_held(self, conn: Connection) -> None:
+        """Nobody resumed in time: the peer is gone, as it would have been without resume."""
+        conn.timer = None
+        if conn.held and not conn.dead:
+            conn.dead = True
+            self._leave(conn)
+
+    def _take_over(self, old: Connection) -> list[str]:
+        """`old` is replaced by a resume: stop its wait or its socket; return its queue."""
+        if old.timer is not None:
+            old.timer.cancel()
+            old.timer = None
+        if old.token is not None:
+            self.tokens.pop(old.token, None)
+            old.token = None
+        frames = old.take_queued() if old.held else []
+        if not old.held:  # still connected as far as we know (its drop not yet seen)
+            old.close(m.CLOSE_RESUMED, "resumed on another connection", flush=False)
+        old.dead = True  # its end leaves nothing: its place is the new connection's now
+        return frames
+
+    async def _resume(self, conn: Connection, room: Room, token: str) -> None:
+        old = self.tokens.get(token)
+        if old is not None:
+            peers = self.rooms.get(room.id, {})
+            if old.room_id != room.id or old.peer_id is None or peers.get(old.peer_id) is not old:
+                return self._join_failed(conn, m.RESUME_REFUSED)  # another room's: not used up
+            frames = self._take_over(old)
+            peers[old.peer_id] = conn
+            listed = [p for p in peers if p != old.peer_id] + list(self.remote.get(room.id, {}))
+            return await self._welcome(conn, room, old.peer_id, [], listed, frames)
+        if self.fleet is None:
+            return self._join_failed(conn, m.RESUME_REFUSED)
+        await self._resume_elsewhere(conn, room, token, self.fleet)
+
+    async def _resume_elsewhere(
+        self, conn: Connection, room: Room, token: str, fleet: Fleet
+    ) -> None:
+        """The token is another instance's: that instance hands the peer over (fleet.py)."""
+        claimed = await fleet.claim_token(token, room.id)
+        if claimed is None or claimed[1] == fleet.id:
+            return self._join_failed(conn, m.RESUME_REFUSED)
+        peer_id, instance = claimed
+        frames = await fleet.handover(instance, room.id, peer_id)
+        if frames is None:  # it went away meanwhile
+            return self._join_failed(conn, m.RESUME_REFUSED)
+        members = await fleet.move(room.id, peer_id, instance)
+        if conn.dead or self.closing:  # gone while we waited: now it leaves for real
+            return fleet.leave(room.id, peer_id)
+        peers = self.rooms.get(room.id)
+        if peers is None:
+            peers = self.rooms[room.id] = {}
+            self.remote[room.id] = {p: i for p, i in members.items() if i != fleet.id}
+        self.remote.get(room.id, {}).pop(peer_id, None)  # it is here now: nobody is told
+        peers[peer_id] = conn
+        listed = [p for p in peers if p != peer_id] + list(self.remote.get(room.id, {}))
+        await self._welcome(conn, room, peer_id, [], listed, frames)
+
+    def _give_away(self, room_id: str, peer_id: str, requester: str) -> list[str] | None:
+        """Another instance resumes our peer: hand it over, with what was queued for it."""
+        peers = self.rooms.get(room_id)
+        old = peers.get(peer_id) if peers else None
+        if peers is None or old is None or old.dead:
+            return None
+        frames = self._take_over(old)
+        del peers[peer_id]
+        # Signals already on their way here follow it for a while (sweep prunes the table).
+        self._moved[f"{room_id}|{peer_id}"] = (requester, time.monotonic() + MOVED_FOR)
+        if peers:  # our other peers know it already: it is only elsewhere now
+            self.remote.setdefault(room_id, {})[peer_id] = requester
+        else:
+            del self.rooms[room_id]
+            self.remote.pop(room_id, None)
+        return frames
+
     # -- joining -----------------------------------------------------------------------------
 
-    def _pin_locked(self, room_id: str, address: str, now: float) -> bool:
-        limit = self.settings.pin_attempts
-        return (
-            self._room_failures.count(room_id, now) + self._pins_pending[room_id] >= limit
-            or self._address_failures.count(address, now) + self._pins_pending[address] >= limit
-        )
-
     async def _check_pin(self, conn: Connection, room: Room, pin: str) -> m.ErrorCode | None:
-        loop = asyncio.get_running_loop()
-        if self._pin_locked(room.id, conn.address, loop.time()):
+        # Each attempt counts before its check, so parallel guesses (here or on other instances
+        # sharing the store) cannot overshoot the limit; a right PIN gives its attempts back.
+        room_ticket, _ = await self._room_failures.acquire(room.id)
+        if room_ticket is None:
+            self.counts["pin_lockouts.room"] += 1
             return m.TOO_MANY_ATTEMPTS
-        # Checks in flight count against the limit, so parallel guesses cannot overshoot it.
-        keys = (room.id, conn.address)
-        self._pins_pending.update(keys)
-        try:
-            ok = await self._store().verify_pin(room, pin)
-        finally:
-            self._pins_pending.subtract(keys)
-            for key in keys:
-                if self._pins_pending[key] <= 0:
-                    del self._pins_pending[key]
-        if ok:
-            return None
-        now = loop.time()
-        for failures, key in (
-            (self._room_failures, room.id),
-            (self._address_failures, conn.address),
-        ):
-            failures.hit(key, now)
-            if failures.count(key, now) == self.settings.pin_attempts:
-                self.counts["pin_lockouts"] += 1  # this wrong PIN locks the room or address out
-        return m.WRONG_PIN
+        address_ticket, _ = await self._address_failures.acquire(conn.address)
+        if address_ticket is None:
+            self.counts["pin_lockouts.address"] += 1
+            await self._room_failures.release(room.id, room_ticket)
+            return m.TOO_MANY_ATTEMPTS
+        if not await self._store().verify_pin(room, pin):
+            return m.WRONG_PIN
+        await self._room_failures.release(room.id, room_ticket)
+        await self._address_failures.release(conn.address, address_ticket)
+        return None
 
     async def _join(self, conn: Connection, room_id: str, message: dict[str, Any]) -> None:
         pin = message.get("pin")
         if pin is not None and not isinstance(pin, str):
             return self._reject(conn, m.BAD_MESSAGE, '"pin" must be a string')
+        resume = message.get("resume")
+        if resume is not None and not isinstance(resume, str):
+            return self._reject(conn, m.BAD_MESSAGE, '"resume" must be a string')
         room = await self._store().get(room_id, time.time())
         if room is None:
             return self._join_failed(conn, m.ROOM_NOT_FOUND)
+        if resume is not None:  # the token stands for the PIN it was given after
+            if conn.dead or self.closing:
+                return None
+            return await self._resume(conn, room, resume)
         if room.has_pin:
             if not pin:
                 return self._join_failed(conn, m.PIN_REQUIRED)
@@ -408,27 +558,68 @@ class Hub:
                 return self._join_failed(conn, failure)
         if conn.dead or self.closing:
             return
+        peer_id = secrets.token_urlsafe(9)
+        if self.fleet is not None:
+            return await self._join_fleet(conn, room, peer_id, self.fleet)
         # No await from here until the peer is in the room: the capacity check cannot race.
         peers = self.rooms.setdefault(room.id, {})
         if len(peers) >= room.max_peers:
             return self._join_failed(conn, m.ROOM_FULL)
-        peer_id = secrets.token_urlsafe(9)
         others = list(peers.values())
         peers[peer_id] = conn
+        await self._welcome(conn, room, peer_id, others, [other.peer_id for other in others])
+
+    async def _join_fleet(self, conn: Connection, room: Room, peer_id: str, fleet: Fleet) -> None:
+        """Join through Redis: the room's size counts its peers on every instance."""
+        members = await fleet.join(room.id, peer_id, room.max_peers)
+        if members is None:
+            return self._join_failed(conn, m.ROOM_FULL)
+        if conn.dead or self.closing:  # gone while we waited
+            return fleet.leave(room.id, peer_id)
+        peers = self.rooms.get(room.id)
+        if peers is None:  # the first here: what Redis said is all we know of the others
+            peers = self.rooms[room.id] = {}
+            self.remote[room.id] = {p: i for p, i in members.items() if i != fleet.id}
+        # Else the inbox keeps self.remote current: j and l come in the order Redis ran them.
+        others = list(peers.values())
+        peers[peer_id] = conn
+        await self._welcome(conn, room, peer_id, others, list(members))
+
+    async def _welcome(
+        self,
+        conn: Connection,
+        room: Room,
+        peer_id: str,
+        others: list[Connection],
+        listed: list[str],
+        resumed: list[str] | None = None,
+    ) -> None:
+        """The peer is in the room: welcome it, tell the others here (peer-joined), or, when
+        it resumed, nobody, and give it what was queued for it meanwhile."""
         conn.peer_id, conn.room_id = peer_id, room.id
-        log.debug("peer %s joined room %s.. (%d peers)", peer_id, room.id[:6], len(peers))
+        conn.token = token = secrets.token_urlsafe(18)
+        self.tokens[token] = conn
+        if self.fleet is not None:
+            self.fleet.save_token(token, room.id, peer_id)
+        log.debug("peer %s joined room %s.. (%d here)", peer_id, room.id[:6], len(others) + 1)
         welcome = {
             "type": "welcome",
             "peerId": peer_id,
-            "peers": [other.peer_id for other in others],
+            "peers": listed,
             "iceServers": ice_servers(
                 self.settings, self._ice_host(conn), self.secret, peer_id, time.time()
             ),
             # A private room's peers gather relay candidates only (docs/web.md, private rooms).
             "iceTransportPolicy": "relay" if room.private else "all",
+            "resume": token,  # rejoin with it within --resume-window (docs/api.md)
         }
+        if resumed is not None:
+            welcome["resumed"] = True
         self._deliver(conn, welcome)
-        self._broadcast(others, {"type": "peer-joined", "peerId": peer_id})
+        if resumed is None:
+            self._broadcast(others, {"type": "peer-joined", "peerId": peer_id})
+        for frame in resumed or ():
+            self._deliver(conn, frame)
         if conn.lane is not None and not conn.dead:
             conn.lane.set_handler(functools.partial(self._on_lane_frame, conn))
         await self._store().touch([room.id], time.time())
@@ -456,6 +647,8 @@ class Hub:
             return self._reject(conn, m.BAD_MESSAGE, 'missing "data"')
         target = self.rooms.get(conn.room_id, {}).get(to)
         if target is None or target is conn:
+            if target is None and self.fleet is not None:  # on another instance, perhaps
+                return self._signal_remote(conn, message, text, to, self.fleet)
             return self._reject(conn, m.UNKNOWN_PEER)
         try:  # json.dumps recurses deeper than json.loads did: data parsed may not encode
             data_text = m.signal_data_text(text, message) if text is not None else None
@@ -463,6 +656,84 @@ class Hub:
         except RecursionError:
             return self._reject(conn, m.BAD_MESSAGE, "nested too deeply")
         self._deliver(target, relayed)
+
+    def _signal_remote(
+        self, conn: Connection, message: dict[str, Any], text: str | None, to: str, fleet: Fleet
+    ) -> None:
+        """A signal for a peer of this room on another instance: to that instance's inbox."""
+        assert conn.peer_id is not None and conn.room_id is not None
+        instance = self.remote.get(conn.room_id, {}).get(to)
+        if instance is None:
+            return self._reject(conn, m.UNKNOWN_PEER)
+        try:
+            data_text = m.signal_data_text(text, message) if text is not None else None
+            relayed = m.encode_signal(conn.peer_id, message["data"], data_text)
+        except RecursionError:
+            return self._reject(conn, m.BAD_MESSAGE, "nested too deeply")
+        if not fleet.send(instance, conn.room_id, to, relayed):
+            now = time.monotonic()  # lost: counted by the fleet, logged once a minute at most
+            if now - self._fleet_drop_logged >= 60.0:
+                self._fleet_drop_logged = now
+                log.warning("%d signal(s) to other instances dropped so far", fleet.dropped)
+
+    # -- the fleet (--redis): messages from other instances -----------------------------------
+
+    async def resync_fleet(self) -> int:
+        """Redis is back after an outage: put our peers back in their rooms there and learn
+        who else is in them, telling our peers of every change (fleet.py); our peer count."""
+        assert self.fleet is not None
+        local = {room_id: list(peers) for room_id, peers in self.rooms.items()}
+        members = await self.fleet.sync(local)
+        for room_id, listed in members.items():
+            peers = self.rooms.get(room_id)
+            if not peers:  # left meanwhile
+                continue
+            now = {p: i for p, i in listed.items() if i != self.fleet.id}
+            before = self.remote.get(room_id, {})
+            self.remote[room_id] = now
+            conns = list(peers.values())
+            for peer_id in before.keys() - now.keys():
+                self._broadcast(conns, {"type": "peer-left", "peerId": peer_id})
+            for peer_id in now.keys() - before.keys():
+                self._broadcast(conns, {"type": "peer-joined", "peerId": peer_id})
+        return sum(len(peers) for peers in local.values())
+
+    def on_fleet_message(self, text: str) -> None:
+        """A message from our inbox (fleet.py has the format)."""
+        kind, _, rest = text.partition("|")
+        if kind == "s":
+            room_id, to, frame = rest.split("|", 2)
+            target = self.rooms.get(room_id, {}).get(to)
+            if target is not None:
+                self._deliver(target, frame)
+            elif self.fleet is not None:  # resumed elsewhere just now: after it (else it left)
+                moved = self._moved.get(f"{room_id}|{to}")
+                if moved is not None and moved[1] > time.monotonic():
+                    self.fleet.send(moved[0], room_id, to, frame)
+        elif kind == "j":
+            room_id, peer_id, instance = rest.split("|")
+            peers = self.rooms.get(room_id)
+            remote = self.remote.setdefault(room_id, {}) if peers else None
+            if peers and remote is not None and remote.get(peer_id) != instance:
+                known = peer_id in remote  # moved instances: the others knew it already
+                remote[peer_id] = instance
+                if not known:
+                    self._broadcast(
+                        list(peers.values()), {"type": "peer-joined", "peerId": peer_id}
+                    )
+        elif kind == "r":  # another instance resumes one of our peers
+            request, room_id, peer_id, requester = rest.split("|")
+            assert self.fleet is not None
+            self.fleet.reply(requester, request, self._give_away(room_id, peer_id, requester))
+        elif kind == "h":
+            assert self.fleet is not None
+            self.fleet.settle(rest)
+        elif kind == "l":
+            room_id, peer_id = rest.split("|")
+            remote = self.remote.get(room_id)
+            peers = self.rooms.get(room_id)
+            if remote is not None and remote.pop(peer_id, None) is not None and peers:
+                self._broadcast(list(peers.values()), {"type": "peer-left", "peerId": peer_id})
 
     def _broadcast(self, conns: list[Connection], message: dict[str, Any]) -> None:
         text = m.encode(message)  # once, not once per recipient
@@ -502,8 +773,19 @@ class Hub:
         if peers is None or peers.get(conn.peer_id) is not conn:
             return
         del peers[conn.peer_id]
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        if conn.token is not None:
+            self.tokens.pop(conn.token, None)
+            if self.fleet is not None:
+                self.fleet.forget_token(conn.token)
+            conn.token = None
+        if self.fleet is not None:  # the others, wherever they are, hear it from Redis
+            self.fleet.leave(conn.room_id, conn.peer_id)
         if not peers:
             del self.rooms[conn.room_id]
+            self.remote.pop(conn.room_id, None)
         elif not self.closing:
             self._broadcast(list(peers.values()), {"type": "peer-left", "peerId": conn.peer_id})
 

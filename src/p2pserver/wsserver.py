@@ -60,6 +60,12 @@ class Lane:
         """Start the closing handshake now (RFC 6455 §7.1.2), as an ASGI close would."""
         self._protocol.close_now(code, reason)
 
+    def closed_cleanly(self) -> bool:
+        """A close frame went either way: the connection was closed, not lost (RFC 6455
+        §7.1.5: without one the close code is 1006)."""
+        conn = self._protocol.conn
+        return conn.close_rcvd is not None or conn.close_sent is not None
+
     def buffered(self) -> int:
         """Bytes sent but not yet taken by the kernel (what a slow reader piles up)."""
         protocol = self._protocol

@@ -183,3 +183,26 @@ def test_unreadable_database_is_one_line(tmp_path: Path, kind: str) -> None:
     args = ["--no-turn", "--http-host", "127.0.0.1", "--http-port", "0", "--db", str(db)]
     line = run_failing_start(args, tmp_path)
     assert f"cannot open the database {db}" in line, line
+
+
+def test_unreachable_redis_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"redis://:hunter2@127.0.0.1:{port}/0"
+    args = ["--no-turn", "--http-host", "127.0.0.1", "--http-port", "0", "--redis", url]
+    line = run_failing_start(args, tmp_path)
+    assert f"cannot reach Redis at redis://:***@127.0.0.1:{port}/0" in line, line
+    assert "hunter2" not in line, line
+
+
+def test_redis_flag_and_environment_variable() -> None:
+    assert parse_settings([]).redis is None
+    assert parse_settings(["--redis", "redis://r:6379/0"]).redis == "redis://r:6379/0"
+    assert parse_settings([], {"P2P_REDIS": "redis://e:6379/2"}).redis == "redis://e:6379/2"
+
+
+def test_resume_window_flag() -> None:
+    assert parse_settings([]).resume_window == 30.0
+    assert parse_settings(["--resume-window", "1m"]).resume_window == 60.0
+    assert parse_settings([], {"P2P_RESUME_WINDOW": "5"}).resume_window == 5.0

@@ -14,6 +14,7 @@ from httpkit import Process, Server, StartProcess, StartServer, wait_until
 from p2pserver.app import create_app
 from p2pserver.config import Settings
 from p2pserver.serving import DrainingServer, uvicorn_config
+from rediskit import redis_server as redis_server  # a fixture: a real redis-server
 
 
 @pytest.fixture

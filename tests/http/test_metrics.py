@@ -174,8 +174,8 @@ async def test_metrics_count_pin_lockouts_and_refused_frames(tmp_path: Path) -> 
     finally:
         assert server.stop() == 0
     assert codes == ["wrong-pin", "wrong-pin", "too-many-attempts"]
-    # The second wrong PIN reached the limit for the room and for the address: two lock-outs.
-    assert value(samples, "p2pserver_pin_lockouts_total") == 2
+    # The third attempt found the room locked out (checked first) and was refused.
+    assert value(samples, "p2pserver_pin_lockouts_total", scope="room") == 1
     assert value(samples, "p2pserver_signaling_messages_total", type="invalid") == 3
     assert value(samples, "p2pserver_signaling_messages_total", type="join") == 3
     assert value(samples, "p2pserver_signaling_join_failures_total", reason="wrong-pin") == 2

@@ -1,9 +1,12 @@
-"""RoomStore, PIN hashing, rate limiters and iceServers, without a server."""
+"""The room store on both back ends (SQLite, and Redis on a real redis-server), PIN hashing,
+rate limiters and iceServers, without a server."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import aiosqlite
@@ -14,8 +17,33 @@ from hypothesis import strategies as st
 from p2pserver import credentials, pins
 from p2pserver.config import Settings
 from p2pserver.ice import host_from_header, ice_servers, url_host
-from p2pserver.ratelimit import SlidingWindow, TokenBucket
+from p2pserver.ratelimit import MemoryLimiter, SlidingWindow, TokenBucket
+from p2pserver.redisstore import RedisRoomStore, redacted
 from p2pserver.rooms import MIGRATIONS, SCHEMA_VERSION, RoomStore, migrate
+from p2pserver.store import Store
+
+OpenStore = Callable[[float], Awaitable[Store]]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[OpenStore]:
+    """Opens the store interface on one back end; every call opens the same rooms again (one
+    file, or one Redis), as another process or instance would."""
+    opened: list[Store] = []
+    url = request.getfixturevalue("redis_server").url if request.param == "redis" else None
+
+    async def open_(ttl: float) -> Store:
+        if url is not None:
+            store: Store = await RedisRoomStore.open(url, ttl)
+        else:
+            store = await RoomStore.open(str(tmp_path / "a.db"), ttl)
+        opened.append(store)
+        return store
+
+    yield open_
+    for store in opened:
+        with contextlib.suppress(Exception):  # closed by the test already
+            await store.close()
 
 
 async def test_fresh_file_gets_current_schema_and_wal(tmp_path: Path) -> None:
@@ -70,8 +98,8 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
         await RoomStore.open(str(path), ttl=60)
 
 
-async def test_expiry_hides_then_sweep_deletes(tmp_path: Path) -> None:
-    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
+async def test_expiry_hides_then_sweep_deletes(open_store: OpenStore) -> None:
+    store = await open_store(100)
     idle, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
     busy, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
     await store.touch([busy], now=1080.0)
@@ -82,29 +110,82 @@ async def test_expiry_hides_then_sweep_deletes(tmp_path: Path) -> None:
     assert await store.sweep(now=1150.0) == 1
     assert await store.count() == 1
     assert await store.get(busy, now=1150.0) is not None
-    await store.close()
+    assert await store.get(idle, now=1000.0) is None  # deleted, not only hidden
 
 
-async def test_touch_never_moves_last_active_back(tmp_path: Path) -> None:
-    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
+async def test_rooms_keep_what_they_were_made_with(open_store: OpenStore) -> None:
+    store = await open_store(100)
+    plain, no_pin = await store.create(with_pin=False, max_peers=5, now=1000.0)
+    locked, pin = await store.create(with_pin=True, max_peers=2, now=1000.0, private=True)
+    again = await open_store(100)  # another process or instance
+    room = await again.get(plain, now=1001.0)
+    assert room is not None and no_pin is None
+    assert (room.max_peers, room.has_pin, room.private, room.created) == (5, False, False, 1000.0)
+    room = await again.get(locked, now=1001.0)
+    assert room is not None and pin is not None and room.pin_hash is not None
+    assert (room.max_peers, room.has_pin, room.private) == (2, True, True)
+    assert pin not in room.pin_hash
+    assert await again.verify_pin(room, pin)
+    assert not await again.verify_pin(room, f"{(int(pin) + 1) % 10**6:06d}")
+    assert await again.get("NoSuchRoomNoSuchRoom00", now=1001.0) is None
+    assert await again.get("'; DROP TABLE rooms; --", now=1001.0) is None
+
+
+async def test_touch_never_moves_last_active_back(open_store: OpenStore) -> None:
+    store = await open_store(100)
     room_id, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
     await store.touch([room_id], now=1050.0)
     await store.touch([room_id], now=1010.0)
     room = await store.get(room_id, now=1051.0)
     assert room is not None and room.last_active == 1050.0
-    await store.close()
 
 
-async def test_turn_secret_is_generated_once(tmp_path: Path) -> None:
-    path = str(tmp_path / "a.db")
-    store = await RoomStore.open(path, ttl=60)
+async def test_turn_secret_is_generated_once(open_store: OpenStore) -> None:
+    store = await open_store(60)
     first = await store.turn_secret()
     assert first == await store.turn_secret()
     await store.close()
-    store = await RoomStore.open(path, ttl=60)
+    store = await open_store(60)
     assert await store.turn_secret() == first
     assert len(first) >= 40
-    await store.close()
+
+
+async def test_limiter_counts_attempts_and_takes_back_released_ones(open_store: OpenStore) -> None:
+    store = await open_store(60)
+    limiter = store.limiter("test", 2, 60.0)
+    first, wait = await limiter.acquire("a")
+    assert first is not None and wait == 0.0
+    second, _ = await limiter.acquire("a")
+    assert second is not None
+    refused, wait = await limiter.acquire("a")
+    assert refused is None and 0.0 < wait <= 60.0
+    assert (await limiter.acquire("b"))[0] is not None  # keys apart
+    await limiter.release("a", second)
+    assert (await limiter.acquire("a"))[0] is not None
+    assert (await limiter.acquire("a"))[0] is None
+    limiter.prune()
+
+
+async def test_limiter_holds_for_racing_attempts(open_store: OpenStore) -> None:
+    # Two stores on one back end are two instances (or, for SQLite, one process's limits).
+    stores = [await open_store(60), await open_store(60)]
+    if isinstance(stores[0], RoomStore):  # in memory: one process, one limiter
+        limiters = [stores[0].limiter("race", 5, 60.0)] * 2
+    else:
+        limiters = [store.limiter("race", 5, 60.0) for store in stores]
+    results = await asyncio.gather(*(limiters[i % 2].acquire("k") for i in range(40)))
+    assert sum(ticket is not None for ticket, _ in results) == 5
+
+
+async def test_limiter_window_passes(open_store: OpenStore) -> None:
+    store = await open_store(60)
+    limiter = store.limiter("short", 1, 0.2)
+    assert (await limiter.acquire("k"))[0] is not None
+    assert (await limiter.acquire("k"))[0] is None
+    deadline = asyncio.get_running_loop().time() + 20
+    while (await limiter.acquire("k"))[0] is None:  # the event: the old attempt ages out
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.05)
 
 
 async def test_get_rejects_malformed_ids(tmp_path: Path) -> None:
@@ -208,10 +289,10 @@ def test_ice_servers_add_turns_with_tls() -> None:
     assert "turns:example.org:5350?transport=tcp" in urls
 
 
-async def test_concurrent_joins_and_touches_share_one_connection(tmp_path: Path) -> None:
+async def test_concurrent_joins_and_touches_share_one_connection(open_store: OpenStore) -> None:
     # What joins do (a get, then a touch), hundreds at a time, plus the sweeper's batches. This
     # used to fail now and then with sqlite3.InterfaceError (SQLITE_MISUSE): see RoomStore.
-    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=3600)
+    store = await open_store(3600)
     now = 1000.0
     ids = [(await store.create(with_pin=False, max_peers=2, now=now))[0] for _ in range(20)]
 
@@ -229,3 +310,17 @@ async def test_concurrent_joins_and_touches_share_one_connection(tmp_path: Path)
         assert await store.count() == 20
     finally:
         await store.close()
+
+
+def test_redis_urls_lose_their_password_in_messages() -> None:
+    assert redacted("redis://:hunter2@10.0.0.5:6380/1") == "redis://:***@10.0.0.5:6380/1"
+    assert redacted("rediss://app:pw@[::1]/0") == "rediss://app:***@[::1]/0"
+    assert redacted("redis://cache:6379/0") == "redis://cache:6379/0"
+
+
+async def test_memory_limiter_forgets_released_attempts() -> None:
+    limiter = MemoryLimiter(1, 60.0)
+    ticket, _ = await limiter.acquire("k")
+    assert ticket is not None
+    await limiter.release("k", ticket)
+    assert len(limiter.window) == 0

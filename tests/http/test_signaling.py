@@ -176,12 +176,13 @@ async def test_peer_left_on_disconnect(server: Server) -> None:
     assert await a.expect("peer-left") == {"type": "peer-left", "peerId": b.id}
 
 
-async def test_peer_left_on_abrupt_disconnect(server: Server) -> None:
+async def test_peer_left_on_abrupt_disconnect(start_server: StartServer) -> None:
+    server = await start_server(resume_window=0.5)
     room_id, _ = await server.create_room()
     a = await server.join(room_id)
     b = await server.join(room_id)
     await a.expect("peer-joined")
-    b.ws.transport.abort()  # no close frame, just a dropped TCP connection
+    b.ws.transport.abort()  # no close frame: held for a resume (test_resume.py), then gone
     assert await a.expect("peer-left") == {"type": "peer-left", "peerId": b.id}
 
 

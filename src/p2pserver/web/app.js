@@ -21,6 +21,7 @@ const TEXT = {
   'too-many-connections': 'Too many chat connections from your network. Close some chat tabs.',
   'join-timeout': 'The server did not hear from this page in time. Reload to try again.',
   unreachable: 'Could not reach the chat server. Check your connection and reload the page.',
+  unavailable: 'The chat server is busy recovering. Wait a few seconds and try again.',
 };
 
 // The link carries the room id in the fragment: browsers never send it to servers or proxies
@@ -66,6 +67,7 @@ class RoomView {
     this.transfers = new Map(); // `${peerId}:${id}` -> {item, progress, status}
     this.guests = 0;
     this.lost = false;
+    this.reconnecting = false; // the signaling connection dropped; p2pchat.js resumes it
     this.caller = null; // who is calling us
     // Page listeners go away with this view (a failed join attempt leaves none behind).
     this.abort = new AbortController();
@@ -92,6 +94,14 @@ class RoomView {
     on('call-idle', () => this.renderCall());
     on('error', ({ code, peerId, message }) => console.warn('p2pchat:', code, peerId, message));
     on('disconnected', this.onDisconnected);
+    on('reconnecting', () => {
+      this.reconnecting = true;
+      this.render();
+    });
+    on('resumed', () => {
+      this.reconnecting = false;
+      this.render();
+    });
     on('warning', ({ code, message }) => console.warn('signaling:', code, message));
     this.bindControls();
     $('insecure').hidden = canHash() && Boolean(navigator.mediaDevices);
@@ -162,6 +172,7 @@ class RoomView {
 
   onDisconnected({ code, error }) {
     this.lost = true;
+    this.reconnecting = false;
     const why = error?.message ?? (code === 1001 ? 'the server is restarting' : `code ${code}`);
     notice(
       `Lost the connection to the chat server (${why}). People already connected can keep ` +
@@ -190,6 +201,7 @@ class RoomView {
     }
     let status;
     if (this.lost) status = 'Disconnected from the server.';
+    else if (this.reconnecting) status = 'Reconnecting to the chat server…';
     else if (this.peers.size === 0)
       status = this.creator
         ? 'Waiting for the other person to join. Send them the link above.'

@@ -63,6 +63,8 @@ const BLOB_BATCH = 16 * 1024 * 1024; // fold received chunks into a Blob this of
  *   'remote-stream': {peerId: string, stream: MediaStream},
  *   'remote-stream-ended': {peerId: string},
  *   'disconnected': {code: number, reason: string, error: object|null},
+ *   'reconnecting': {attempt: number},
+ *   'resumed': {peerId: string},
  *   'warning': {code: string, message: string},
  *   'error': {code: string, peerId: string|null, message: string, error?: unknown},
  * }} P2PChatEvents
@@ -73,9 +75,19 @@ const BLOB_BATCH = 16 * 1024 * 1024; // fold received chunks into a Blob this of
  * hash-mismatch, bad-header. call-incoming: answer with acceptCall() or declineCall();
  * call-accepted: our media goes to them now; call-ended: they hung up; call-idle: no call any
  * more, our camera and microphone were released. disconnected: the signaling WebSocket closed
- * (server gone, network lost), never after leave(). warning: a non-fatal signaling error.
+ * (server gone, or a lost connection that could not be resumed), never after leave().
+ * reconnecting: the signaling connection dropped without a close (a network change, say): the
+ * peer connections carry on, and the client reconnects with backoff and resumes its place
+ * (docs/api.md, resume) within RESUME_WINDOW_MS; resumed: it did, with the same peerId.
+ * warning: a non-fatal signaling error.
  * error codes: negotiation-failed, signal-failed, send-failed, bad-frame, call-failed.
  */
+
+// The server keeps a dropped peer's place this long by default (--resume-window).
+const RESUME_WINDOW_MS = 30_000;
+const RECONNECT_FIRST_MS = 250;
+const RECONNECT_MAX_MS = 5_000;
+const CLOSE_LOST = 1006; // RFC 6455 §7.1.5: no close frame, the connection was lost
 
 export class JoinError extends Error {
   /** @param {string} code room-not-found, pin-required, wrong-pin, room-full, left, ... */
@@ -580,6 +592,9 @@ export class P2PChat extends EventTarget {
     this.ws = null;
     this.rtcConfig = null;
     this.lastError = null;
+    /** @type {string|null} the room we are in, and the token that resumes our place in it */
+    this.roomId = null;
+    this.resumeToken = null;
   }
 
   /**
@@ -642,11 +657,16 @@ export class P2PChat extends EventTarget {
    * @param {string} roomId
    * @param {string|null} [pin]
    */
-  join(roomId, pin = null) {
-    this.reset();
+  socket(roomId) {
     const url = new URL(`/ws/${encodeURIComponent(roomId)}`, this.server);
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
-    const ws = new WebSocket(url);
+    return new WebSocket(url);
+  }
+
+  join(roomId, pin = null) {
+    this.reset();
+    this.roomId = roomId;
+    const ws = this.socket(roomId);
     this.ws = ws;
     return new Promise((resolve, reject) => {
       let joined = false;
@@ -682,13 +702,78 @@ export class P2PChat extends EventTarget {
         }
         if (superseded) return; // closed by leave() or a new join(): nobody needs telling
         this.ws = null;
-        this.emit('disconnected', { code: event.code, reason: event.reason, error: this.lastError });
+        this.onSocketClosed(event);
       };
     });
   }
 
-  onWelcome({ peerId, peers, iceServers, iceTransportPolicy }) {
+  /** The joined socket closed: a lost connection is resumed, anything else is the end. */
+  onSocketClosed(event) {
+    if (event.code === CLOSE_LOST && this.resumeToken && this.roomId) {
+      this.reconnect(this.roomId, Date.now());
+      return;
+    }
+    this.emit('disconnected', { code: event.code, reason: event.reason, error: this.lastError });
+  }
+
+  /**
+   * Open the signaling socket again and resume our place (same peerId, messages kept for us
+   * delivered), retrying with backoff until the server's resume window has passed. The peer
+   * connections do not need the socket meanwhile and carry on.
+   */
+  reconnect(roomId, since, delay = RECONNECT_FIRST_MS, attempt = 1) {
+    this.emit('reconnecting', { attempt });
+    setTimeout(() => {
+      if (this.roomId !== roomId || this.ws || !this.resumeToken) return; // left meanwhile
+      const ws = this.socket(roomId);
+      this.ws = ws;
+      let welcomed = false;
+      let refused = null;
+      ws.onopen = () => ws.send(JSON.stringify({ type: 'join', resume: this.resumeToken }));
+      ws.onmessage = ({ data }) => {
+        if (ws !== this.ws) return;
+        const message = parseJSON(data);
+        if (!isObject(message) || typeof message.type !== 'string') return;
+        if (message.type === 'welcome' && !welcomed) {
+          welcomed = true;
+          this.onResumed(message);
+        } else if (message.type === 'error' && !welcomed) {
+          refused = message;
+        } else if (welcomed) {
+          this.onMessage(message);
+        }
+      };
+      ws.onclose = (event) => {
+        if (ws !== this.ws) return;
+        this.ws = null;
+        if (welcomed) return this.onSocketClosed(event);
+        const next = Math.min(delay * 2, RECONNECT_MAX_MS);
+        if (refused || Date.now() + next - since > RESUME_WINDOW_MS) {
+          this.resumeToken = null; // refused or too late: our place is gone
+          this.emit('disconnected', {
+            code: event.code,
+            reason: event.reason,
+            error: refused ?? this.lastError,
+          });
+          return;
+        }
+        this.reconnect(roomId, since, next, attempt + 1);
+      };
+    }, delay * (0.8 + Math.random() * 0.4));
+  }
+
+  onResumed({ peerId, iceServers, resume }) {
+    this.resumeToken = typeof resume === 'string' ? resume : null;
+    if (this.rtcConfig && Array.isArray(iceServers)) {
+      // Fresh TURN credentials, for the peer connections made from now on.
+      this.rtcConfig = { ...this.rtcConfig, iceServers: filterIceServers(iceServers, this.turnTransport) };
+    }
+    this.emit('resumed', { peerId });
+  }
+
+  onWelcome({ peerId, peers, iceServers, iceTransportPolicy, resume }) {
     this.peerId = peerId;
+    this.resumeToken = typeof resume === 'string' ? resume : null;
     // A private room asks every peer for relay-only; relayOnly asks it of this one anyway.
     this.privateRoom = iceTransportPolicy === 'relay';
     const policy = this.privateRoom || this.relayOnly ? 'relay' : 'all';
@@ -890,6 +975,8 @@ export class P2PChat extends EventTarget {
     this.privateRoom = false;
     this.rtcConfig = null;
     this.lastError = null;
+    this.roomId = null;
+    this.resumeToken = null;
   }
 
   /** Leave the room. The instance can join() again afterwards. */
