@@ -12,6 +12,7 @@ import httpx
 import websockets
 from aioice.turn import create_turn_endpoint
 
+from peers import Echo, Inbox
 from serverlog import TIMEOUT, Server
 from tlskit import self_signed
 
@@ -75,7 +76,7 @@ async def test_sighup_swaps_the_tls_certificate_and_open_allocations_keep_relayi
         )
         peer = echo.get_extra_info("sockname")
         relay.sendto(b"before", peer)
-        assert await asyncio.wait_for(inbox.get(), TIMEOUT) == b"echo before"
+        assert await asyncio.wait_for(inbox.queue.get(), TIMEOUT) == b"echo before"
 
         self_signed(tmp_path)  # a new key and certificate over the same files
         second = Path(cert).read_bytes()
@@ -83,7 +84,7 @@ async def test_sighup_swaps_the_tls_certificate_and_open_allocations_keep_relayi
         await server.wait_for(r"TLS certificate reloaded")
         assert await served_certificate(tls_port) == pem_to_der(second)
         relay.sendto(b"after", peer)  # the allocation made before the swap still relays
-        assert await asyncio.wait_for(inbox.get(), TIMEOUT) == b"echo after"
+        assert await asyncio.wait_for(inbox.queue.get(), TIMEOUT) == b"echo after"
 
         Path(key).write_text("not a key")  # a broken pair is refused, the old one stays
         server.proc.send_signal(signal.SIGHUP)
@@ -115,16 +116,3 @@ async def served_certificate(port: int) -> bytes:
         writer.close()
     assert der is not None
     return bytes(der)
-
-
-class Echo(asyncio.DatagramProtocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.DatagramTransport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.transport.sendto(b"echo " + data, addr)
-
-
-class Inbox(asyncio.Queue[bytes], asyncio.DatagramProtocol):
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.put_nowait(data)

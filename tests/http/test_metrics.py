@@ -15,6 +15,7 @@ from aioice.stun import Class, Message, Method
 from aioice.turn import create_turn_endpoint
 from prometheus_client.parser import text_string_to_metric_families
 
+from peers import Echo, Inbox
 from serverlog import Server
 
 TIMEOUT = 30.0
@@ -31,22 +32,6 @@ def parse(text: str) -> Samples:
 
 def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-class Echo(asyncio.DatagramProtocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.DatagramTransport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.transport.sendto(b"echo " + data, addr)
-
-
-class Inbox(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.queue.put_nowait(data)
 
 
 async def start(tmp_path: Path, *extra: str) -> tuple[Server, str, int]:

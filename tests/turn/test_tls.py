@@ -9,23 +9,8 @@ from pathlib import Path
 from aioice.turn import create_turn_endpoint
 from turnkit import LOOPBACK, PASSWORD, USER, ServerFactory
 
+from peers import Echo, Inbox
 from tlskit import self_signed
-
-
-class Echo(asyncio.DatagramProtocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport: asyncio.DatagramTransport = transport  # type: ignore[assignment]
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.transport.sendto(b"echo " + data, addr)
-
-
-class Inbox(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.queue: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.queue.put_nowait(data)
 
 
 async def test_relay_over_tls(make_server: ServerFactory, tmp_path: Path) -> None:
