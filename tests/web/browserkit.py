@@ -69,6 +69,7 @@ class ServerProcess:
     turn_port: int = 0
     relay_to_loopback: bool = True  # False: the production peer policy, loopback refused
     turn_workers: int = 2  # TURN in two worker processes, as on a 2-core host by default
+    extra: tuple[str, ...] = ()  # more flags (e.g. --redis URL)
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -96,6 +97,7 @@ class ServerProcess:
         if self.relay_to_loopback:
             # The browsers' relay candidates are on 127.0.0.1, which TURN refuses by default.
             args += ["--allow-peer", "127.0.0.0/8"]
+        args += self.extra
         env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -141,10 +143,12 @@ class ServerFactory:
         self.root = root
         self.started: list[ServerProcess] = []
 
-    def __call__(self, *, relay_to_loopback: bool = True) -> ServerProcess:
+    def __call__(
+        self, *, relay_to_loopback: bool = True, extra: tuple[str, ...] = ()
+    ) -> ServerProcess:
         workdir = self.root / f"server{len(self.started)}"
         workdir.mkdir()
-        process = ServerProcess(workdir, relay_to_loopback=relay_to_loopback)
+        process = ServerProcess(workdir, relay_to_loopback=relay_to_loopback, extra=extra)
         self.started.append(process)
         process.start()
         return process
