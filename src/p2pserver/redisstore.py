@@ -30,7 +30,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from p2pserver import pins
 from p2pserver.ratelimit import Ticket
-from p2pserver.rooms import ROOM_ID_BYTES, Room, check_pin, is_room_id
+from p2pserver.rooms import ROOM_ID_BYTES, Room, RoomStore, check_pin, is_room_id
 from p2pserver.store import StoreUnavailable
 
 PREFIX = "p2p:"
@@ -203,13 +203,7 @@ class RedisRoomStore:
         except (RedisError, OSError, TimeoutError):
             return False
 
-    async def create(
-        self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
-    ) -> tuple[str, str | None]:
-        room, pin = await self.create_room(
-            with_pin=with_pin, max_peers=max_peers, now=now, private=private
-        )
-        return room.id, pin
+    create = RoomStore.create  # the same on both back ends: create_room, then the id
 
     @unavailable_on_error
     async def create_room(
