@@ -380,7 +380,7 @@ def create_app(settings: Settings) -> Starlette:
     app = App(
         routes=routes,
         middleware=[
-            Middleware(HttpMetrics, metrics=metrics, routes=routes),
+            Middleware(HttpMetrics, metrics=metrics),
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.cors_origins),

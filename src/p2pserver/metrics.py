@@ -21,7 +21,6 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from p2pserver.config import IPNetwork
@@ -192,10 +191,9 @@ def signaling_metrics(stats: Mapping[str, Any]) -> Iterator[Metric]:
 class HttpMetrics:
     """ASGI middleware: count each HTTP answer by route template, method and status."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes: list[BaseRoute]) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
-        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -216,9 +214,9 @@ class HttpMetrics:
                 self._route(scope), scope["method"], str(status)
             ).inc()
 
-    def _route(self, scope: Scope) -> str:
-        for route in self.routes:
-            match, _ = route.matches(scope)
-            if match is not Match.NONE:  # PARTIAL: the path matches, the method does not (405)
-                return str(getattr(route, "path", "other")) or "/"
-        return "other"  # unknown paths share one label: no label per typo or scan
+    @staticmethod
+    def _route(scope: Scope) -> str:
+        # Starlette's router leaves the route it matched in the scope (a partial match too: the
+        # path matched, the method did not, 405). Unknown paths share one label: none per typo.
+        route = scope.get("route")
+        return str(getattr(route, "path", "other") or "/") if route is not None else "other"
