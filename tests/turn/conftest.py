@@ -7,6 +7,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,11 +44,12 @@ BASE = Settings(
 
 @pytest.fixture
 async def make_server() -> AsyncIterator[ServerFactory]:
-    """Start TurnServers with Settings overrides; all are stopped after the test."""
+    """Start TurnServers with Settings overrides (and, in `worker`, TurnServer's own arguments,
+    to run one as a TURN worker would); all are stopped after the test."""
     servers: list[TurnServer] = []
 
-    async def make(**overrides: object) -> TurnServer:
-        server = TurnServer(replace(BASE, **overrides))  # type: ignore[arg-type]
+    async def make(worker: dict[str, Any] | None = None, **overrides: object) -> TurnServer:
+        server = TurnServer(replace(BASE, **overrides), **(worker or {}))  # type: ignore[arg-type]
         await server.start()
         servers.append(server)
         return server

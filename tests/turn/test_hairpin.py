@@ -1,10 +1,12 @@
-"""Relay to relay through --external-ip inside one server (relay.Hairpin), on loopback only.
+"""Relay to relay through --external-ip between two TURN workers (relay.Hairpin), on loopback.
 
-The relays bind 127.0.0.1 and are announced at 127.0.0.2, where nothing of the server listens: as
+Two TurnServers run as workers do (each its slice of the relay range, one reservation key), one
+allocation on each, so the datagram must leave one worker's relay socket for the other's. The
+relays bind 127.0.0.1 and are announced at 127.0.0.2, where nothing of the server listens: as
 a NAT that does not hairpin, that address never brings a datagram back. A trap socket on
 127.0.0.2 at each relayed port would catch anything the server sent to the announced address.
-(tests/turn/test_workers.py does the same across worker processes, with a documentation address
-in a network namespace.)
+(Within one process the core hands the datagram over itself: tests/turn/test_relay_to_relay.py;
+tests/turn/test_workers.py does this across real worker processes in a network namespace.)
 """
 
 from __future__ import annotations
@@ -16,13 +18,24 @@ from stunclient import StunClient
 from turnkit import LOOPBACK, PASSWORD, USER, ServerFactory
 
 EXTERNAL = "127.0.0.2"
+RANGE = (49152, 65535)
 
 
 async def test_relay_to_relay_goes_to_the_relays_real_address(make_server: ServerFactory) -> None:
-    server = await make_server(allow_peers=(LOOPBACK,), external_ip=EXTERNAL)
+    low, high = RANGE
+    middle = (low + high) // 2
+    servers = [
+        await make_server(
+            {"relay_ports": ports, "reservation_key": bytes(32)},
+            allow_peers=(LOOPBACK,),
+            external_ip=EXTERNAL,
+            relay_ports=RANGE,
+        )
+        for ports in ((low, middle), (middle + 1, high))
+    ]
     clients, relayed, traps = [], [], []
     try:
-        for _ in range(2):
+        for server in servers:
             client = await StunClient.connect(("127.0.0.1", server.port))
             await client.login(USER, PASSWORD)
             answer = await client.allocate()
@@ -53,9 +66,10 @@ async def test_relay_to_relay_goes_to_the_relays_real_address(make_server: Serve
             except BlockingIOError:
                 continue
             raise AssertionError(f"the server sent {data!r} to its announced address")
-        stats = server.stats()
-        assert stats["peer_sentp"] == 2 and stats["peer_rcvp"] == 2, stats
-        assert stats["peer_send_drops"] == 0, stats
+        for server in servers:  # each worker sent one datagram out and took one in
+            stats = server.stats()
+            assert stats["peer_sentp"] == 1 and stats["peer_rcvp"] == 1, stats
+            assert stats["peer_send_drops"] == 0, stats
     finally:
         for client in clients:
             client.close()

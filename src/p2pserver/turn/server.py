@@ -349,9 +349,9 @@ class TurnServer:
         loop = asyncio.get_running_loop()
         bind_ips = s.relay_bind_ips
         if self.reservation_key is None:
-            self.relays = RelayPorts(
-                bind_ips, self.relay_ports, loop, on_fault=self._relay_fault, hairpin=hairpin(s)
-            )
+            # One process: relay to relay through --external-ip never reaches a socket (the core
+            # hands it over, docs/turn.md), so no Hairpin is needed on the peer path.
+            self.relays = RelayPorts(bind_ips, self.relay_ports, loop, on_fault=self._relay_fault)
         else:
             self.relays = SharedRelayPorts(
                 bind_ips,
