@@ -9,8 +9,9 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import HTTPConnection
@@ -213,6 +214,7 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     return origin is None or "*" in allowed or origin in allowed
 
 
+_NOBODY: Mapping[str, Any] = MappingProxyType({})  # a room not here: no dict built per frame
 _MESSAGE_KEYS = {kind: f"messages.{kind}" for kind in ("join", "signal", "ping")}
 
 
@@ -645,31 +647,36 @@ class Hub:
             return self._reject(conn, m.BAD_MESSAGE, '"to" must be a peer id')
         if "data" not in message:
             return self._reject(conn, m.BAD_MESSAGE, 'missing "data"')
-        target = self.rooms.get(conn.room_id, {}).get(to)
+        target = self.rooms.get(conn.room_id, _NOBODY).get(to)
         if target is None or target is conn:
             if target is None and self.fleet is not None:  # on another instance, perhaps
                 return self._signal_remote(conn, message, text, to, self.fleet)
             return self._reject(conn, m.UNKNOWN_PEER)
+        relayed = self._relayed(conn, message, text)
+        if relayed is not None:
+            self._deliver(target, relayed)
+
+    def _relayed(self, conn: Connection, message: dict[str, Any], text: str | None) -> str | None:
+        """The signal as its addressee gets it; None (and the sender told) if it cannot be."""
+        assert conn.peer_id is not None
         try:  # json.dumps recurses deeper than json.loads did: data parsed may not encode
             data_text = m.signal_data_text(text, message) if text is not None else None
-            relayed = m.encode_signal(conn.peer_id, message["data"], data_text)
+            return m.encode_signal(conn.peer_id, message["data"], data_text)
         except RecursionError:
-            return self._reject(conn, m.BAD_MESSAGE, "nested too deeply")
-        self._deliver(target, relayed)
+            self._reject(conn, m.BAD_MESSAGE, "nested too deeply")
+            return None
 
     def _signal_remote(
         self, conn: Connection, message: dict[str, Any], text: str | None, to: str, fleet: Fleet
     ) -> None:
         """A signal for a peer of this room on another instance: to that instance's inbox."""
         assert conn.peer_id is not None and conn.room_id is not None
-        instance = self.remote.get(conn.room_id, {}).get(to)
+        instance = self.remote.get(conn.room_id, _NOBODY).get(to)
         if instance is None:
             return self._reject(conn, m.UNKNOWN_PEER)
-        try:
-            data_text = m.signal_data_text(text, message) if text is not None else None
-            relayed = m.encode_signal(conn.peer_id, message["data"], data_text)
-        except RecursionError:
-            return self._reject(conn, m.BAD_MESSAGE, "nested too deeply")
+        relayed = self._relayed(conn, message, text)
+        if relayed is None:
+            return None
         if not fleet.send(instance, conn.room_id, to, relayed):
             now = time.monotonic()  # lost: counted by the fleet, logged once a minute at most
             if now - self._fleet_drop_logged >= 60.0:
@@ -703,7 +710,7 @@ class Hub:
         kind, _, rest = text.partition("|")
         if kind == "s":
             room_id, to, frame = rest.split("|", 2)
-            target = self.rooms.get(room_id, {}).get(to)
+            target = self.rooms.get(room_id, _NOBODY).get(to)
             if target is not None:
                 self._deliver(target, frame)
             elif self.fleet is not None:  # resumed elsewhere just now: after it (else it left)
