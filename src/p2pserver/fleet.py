@@ -198,7 +198,7 @@ class Fleet:
         self.id = secrets.token_urlsafe(9)
         self._client = client
         self._on_message = on_message
-        self.on_resync: Resync | None = None  # the hub's: after a reconnection (hub.py)
+        self.on_resync: Resync | None = None  # the hub's: after a reconnection (signaling.py)
         self.presence_ttl = presence_ttl
         self._where = redacted(url) if url else "Redis"
         self._inbox = INBOX + self.id

@@ -99,9 +99,6 @@ class MemoryLimiter:
         self.window = SlidingWindow(limit, window)
 
     async def acquire(self, key: str) -> tuple[Ticket | None, float]:
-        return self.take(key)
-
-    def take(self, key: str) -> tuple[float | None, float]:
         now = time.monotonic()
         if not self.window.allowed(key, now):
             return None, self.window.retry_after(key, now)

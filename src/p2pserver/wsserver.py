@@ -44,7 +44,7 @@ class Lane:
 
         Only with a handler set and nothing queued for ASGI (else False: read on). From then
         on the handler gets every frame, `on_lost` is called once when the connection is gone,
-        and a close still goes through the ASGI `send`, which stays usable.
+        and the hub closes the connection through `Lane.close`.
         """
         protocol = self._protocol
         if protocol.frame_handler is None or not protocol.queue.empty() or protocol.disconnected:
@@ -98,9 +98,6 @@ class Inbox:
 
     def empty(self) -> bool:
         return not self._items
-
-    def qsize(self) -> int:
-        return len(self._items)
 
     async def get(self) -> Any:
         while not self._items:
