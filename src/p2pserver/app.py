@@ -27,7 +27,6 @@ from starlette.websockets import WebSocket
 from p2pserver.config import Settings
 from p2pserver.ice import url_host
 from p2pserver.metrics import HttpMetrics, Metrics
-from p2pserver.ratelimit import MemoryLimiter
 from p2pserver.roomcache import RoomCache
 from p2pserver.signaling import Hub, client_address
 from p2pserver.store import Limiter, StoreUnavailable, open_store
@@ -402,5 +401,5 @@ def create_app(settings: Settings) -> Starlette:
     app.state.metrics = metrics
     metrics.turn = lambda: app.state.turn.stats() if app.state.turn is not None else None
     metrics.signaling = lambda: {**hub.stats(), **hub.counts}
-    app.state.create_limiter = MemoryLimiter(settings.rooms_per_minute, 60.0)
+    app.state.create_limiter = None  # the store's, set by the lifespan (it keeps limits)
     return app
