@@ -40,7 +40,7 @@ async def start(tmp_path: Path, *extra: str) -> tuple[Server, str]:
     return server, match[1]
 
 
-async def self_test_report(base: str) -> dict:
+def self_test_report(base: str) -> dict:
     """The self-test as /healthz reports it, once it has finished."""
     deadline = time.monotonic() + TIMEOUT
     while True:
@@ -58,7 +58,7 @@ async def test_check_passes_against_a_healthy_server_on_every_transport(tmp_path
     )
     try:
         status, output = run_check(base)
-        report = await self_test_report(base)
+        report = self_test_report(base)
     finally:
         assert server.stop() == 0
     assert status == 0, output
@@ -87,7 +87,7 @@ async def test_check_blames_a_wrong_external_ip(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         status, output = run_check(base)
-        report = await self_test_report(base)
+        report = self_test_report(base)
     finally:
         assert server.stop() == 0
     assert status == 1, output

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from p2pserver.cli import database_problem
+from realtools import need_program
 
 NOBODY = 65534
 
@@ -37,9 +38,7 @@ def locked_dir() -> Iterator[Path]:
 def _as_unprivileged() -> list[str]:
     if os.getuid() != 0:
         return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv (util-linux) to drop privileges")
+    setpriv = need_program("setpriv", "apt-get install util-linux")  # to drop privileges
     return [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
