@@ -278,13 +278,17 @@ class SharedRelayPorts(RelayPorts):
         self.whole_range = whole_range  # a token may name a port of any worker's slice
         self.held: dict[int, float] = {}  # reserved ports of this slice -> end of reservation
 
-    def _mac(self, head: bytes) -> bytes:
-        return hmac.new(self.token_key, head, hashlib.sha256).digest()[:4]
+    def _mac(self, head: bytes, issued: int) -> bytes:
+        # The MAC covers the whole issue time, not just the 15 bits the token carries, so a
+        # token replayed a multiple of 2^15 s (9.1 h) later does not pass for a fresh one.
+        message = head + issued.to_bytes(8, "big")
+        return hmac.new(self.token_key, message, hashlib.sha256).digest()[:4]
 
     def _token(self, family: int, port: int, now: float) -> bytes:
-        stamp = (int(now) & 0x7FFF) | (0x8000 if family == 2 else 0)
+        issued = int(now)
+        stamp = (issued & 0x7FFF) | (0x8000 if family == 2 else 0)
         head = struct.pack("!HH", port, stamp)
-        return head + self._mac(head)
+        return head + self._mac(head, issued)
 
     def open(
         self, family: int, *, even_port: bool, reserve_next: bool, dont_fragment: bool
@@ -311,11 +315,14 @@ class SharedRelayPorts(RelayPorts):
         raise NoCapacity("no free relay port")
 
     def take_reserved(self, token: bytes) -> RelaySocket | None:
-        if len(token) != 8 or not hmac.compare_digest(token[4:], self._mac(token[:4])):
+        if len(token) != 8:
             return None
         port, stamp = struct.unpack("!HH", token[:4])
         family = 2 if stamp & 0x8000 else 1
-        age = (int(time.time()) - stamp) & 0x7FFF
+        now = int(time.time())
+        age = (now - stamp) & 0x7FFF
+        if not hmac.compare_digest(token[4:], self._mac(token[:4], now - age)):
+            return None
         low, high = self.whole_range
         if age > RESERVATION_LIFETIME or not low <= port <= high or family not in self.bind_ips:
             return None
