@@ -59,7 +59,6 @@ from turn_relay import (
     udp_drops,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 LOCALHOST = "127.0.0.1"
 COOKIE = 0x2112A442
 REALM = "bench"

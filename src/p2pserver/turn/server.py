@@ -344,7 +344,7 @@ class TurnServer:
 
     async def start(self) -> None:
         s = self.settings
-        if not (s.users or self.secret):
+        if not (s.users or self.secret) and self.listeners is None:  # workers: the supervisor says
             log.warning("no --user and no --secret: every TURN request will be refused")
         loop = asyncio.get_running_loop()
         bind_ips = s.relay_bind_ips
