@@ -413,8 +413,9 @@ def test_data_path_needs_a_permission_both_ways() -> None:
     allocation = next(iter(h.core.table))
     relay = h.relays.opened[0]
     assert relay.on_datagram is not None
-    relay.on_datagram(b"unasked", PEER)  # no permission: dropped
+    relay.on_datagram(b"unasked", PEER)  # no permission: dropped, and counted
     assert h.to_client == []
+    assert allocation.peer_denied == 1 and h.core.stats.snapshot(h.core.table)["peer_denied"] == 1
     h.request(Method.CHANNEL_BIND, {"CHANNEL-NUMBER": 0x4001, "XOR-PEER-ADDRESS": PEER})
     h.to_client.clear()
     relay.on_datagram(b"hello", PEER)
