@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from netns import need_netns, run_in_netns
+from p2pserver.check import IceUrl
 from serverlog import TIMEOUT, Server
 from tlskit import self_signed
 
@@ -116,3 +120,51 @@ def test_check_says_when_udp_to_the_turn_port_is_blocked(tmp_path: Path) -> None
     assert "FAIL" in udp and "no answer" in udp and "UDP 3478" in udp, output
     assert " ok " in tcp and "relay-peer" in tcp, output  # TCP gets through the same firewall
     assert "verdict: FAIL: stun, udp" in output, output
+
+
+def test_ice_urls_as_browsers_read_them() -> None:
+    assert IceUrl.parse("turn:[::1]:3478?transport=tcp") == IceUrl("turn", "::1", 3478, "tcp")
+    assert IceUrl.parse("turn:example.org") == IceUrl("turn", "example.org", 3478, "udp")
+    assert IceUrl.parse("turns:example.org") == IceUrl("turns", "example.org", 5349, "tls")
+    assert IceUrl.parse("stun:192.0.2.1:3479").port == 3479
+    for bad in ("http://x", "turn:h?transport=sctp"):
+        with pytest.raises(ValueError):
+            IceUrl.parse(bad)
+
+
+def test_check_says_when_it_cannot_get_as_far_as_turn(tmp_path: Path) -> None:
+    with socket.socket() as closed:  # a port nothing listens on: bound, never listening
+        closed.bind(("127.0.0.1", 0))
+        status, output = run_check(f"http://127.0.0.1:{closed.getsockname()[1]}")
+    assert status == 2 and "cannot check: cannot reach http://127.0.0.1:" in output, output
+    usage = subprocess.run(
+        [sys.executable, "-m", "p2pserver", "check", "ftp://example.org"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert usage.returncode == 2 and "URL must start with http:// or https://" in usage.stderr
+
+
+async def test_check_names_a_turn_port_nothing_answers_on(tmp_path: Path) -> None:
+    """--no-turn still advertises TURN (it runs elsewhere in a split deployment): here nothing
+    listens there, and the check says so per transport."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+        udp.bind(("127.0.0.1", 0))  # takes the datagrams, never answers
+        port = udp.getsockname()[1]
+        tcp.bind(("127.0.0.1", port))  # bound, not listening: connections are refused
+        server = Server(
+            [
+                "--http-host", "127.0.0.1", "--http-port", "0", "--no-turn",
+                "--turn-port", str(port), "--db", str(tmp_path / "rooms.db"),
+            ],
+            tmp_path / "server.log",
+        )  # fmt: skip
+        try:
+            base = (await server.wait_for(r"Uvicorn running on (http://127\.0\.0\.1:\d+)"))[1]
+            status, output = run_check(base)
+        finally:
+            assert server.stop() == 0
+    assert status == 1, output
+    assert f"no answer from 127.0.0.1:{port}: check that UDP {port} is open" in output, output
+    assert f"nothing listens on TCP {port}" in output, output

@@ -92,6 +92,9 @@ def test_relay_ip_once_per_family() -> None:
         ["--tls-cert", "cert.pem"],
         ["--no-http", "--no-turn"],
         ["--relay-ip", "192.0.2.5", "--relay-ip", "192.0.2.6"],  # one per family
+        ["--ws-compression", "maybe"],
+        ["--metrics-allow", "not-a-cidr"],
+        ["--log-format", "xml"],
     ],
 )
 def test_bad_flags_exit_with_a_message(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -206,3 +209,15 @@ def test_resume_window_flag() -> None:
     assert parse_settings([]).resume_window == 30.0
     assert parse_settings(["--resume-window", "1m"]).resume_window == 60.0
     assert parse_settings([], {"P2P_RESUME_WINDOW": "5"}).resume_window == 5.0
+
+
+def test_self_test_and_metrics_access_flags() -> None:
+    # The CLI runs the start-up self-test unless told not to; Settings() alone (tests, embedding)
+    # does not. /metrics is for loopback unless --metrics-allow names more.
+    assert parse_settings([], environ={}).self_test
+    assert not parse_settings(["--no-self-test"], environ={}).self_test
+    assert not parse_settings([], environ={"P2P_NO_SELF_TEST": "1"}).self_test
+    loopback = parse_settings([], environ={}).metrics_allow
+    assert [str(n) for n in loopback] == ["127.0.0.0/8", "::1/128"]
+    wide = parse_settings([], environ={"P2P_METRICS_ALLOW": "10.0.0.0/8,192.0.2.0/24"})
+    assert [str(n) for n in wide.metrics_allow] == ["10.0.0.0/8", "192.0.2.0/24"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from aioice.stun import Class, Message, Method
 from aioice.turn import create_turn_endpoint
 from prometheus_client.parser import text_string_to_metric_families
 
+from p2pserver.metrics import Metrics
 from peers import Echo, Inbox
 from serverlog import Server
 
@@ -206,3 +208,11 @@ async def test_counters_do_not_go_down_when_a_worker_dies(tmp_path: Path) -> Non
     for key in counters:  # the dead worker's counts stay in the totals
         assert after.get(key, 0.0) >= before[key], key
     assert value(after, "turn_total_allocations") == 8 - victim["allocations"]
+
+
+def test_metrics_access_by_address() -> None:
+    metrics = Metrics([ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")])
+    assert metrics.allowed("127.0.0.1") and metrics.allowed("::1")
+    assert metrics.allowed("::ffff:127.0.0.1")  # an IPv4 client on a dual-stack socket
+    assert not metrics.allowed("192.0.2.1") and not metrics.allowed("::ffff:192.0.2.1")
+    assert not metrics.allowed("unix-socket") and not metrics.allowed(None)
