@@ -11,10 +11,7 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +23,7 @@ from aioice.stun import Method
 from processkit import ServerProcess
 from stunclient import StunClient
 
+from netns import need_netns, run_in_netns
 from p2pserver.turn.workers import shares, slices
 
 pytestmark = pytest.mark.slow
@@ -318,22 +316,8 @@ def test_relay_to_relay_through_an_external_ip_that_does_not_hairpin(
     """--external-ip 198.51.100.7, which nothing answers: in a network namespace with only
     loopback (no route there, so nothing can leave), two allocations (on two workers) relay to
     each other's advertised addresses; the server sends to its relays' real addresses."""
-    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
-        if os.environ.get("CI"):
-            pytest.fail("CI needs root, unshare and ip (apt-get install util-linux iproute2)")
-        pytest.skip("needs root, unshare and ip for a network namespace of its own")
-    script = (
-        "ip link set lo up && "
-        f'exec "{sys.executable}" "{HERE / "hairpin_relay.py"}" {workers} "{tmp_path}"'
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("P2P_")}
-    result = subprocess.run(
-        ["unshare", "--net", "--fork", "--kill-child", "--", "sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    need_netns()
+    result = run_in_netns(HERE / "hairpin_relay.py", str(workers), str(tmp_path), timeout=120)
     logs = "".join(p.read_text() for p in tmp_path.glob("server-*.log"))
     assert result.returncode == 0, result.stdout + result.stderr + logs
     report = json.loads(result.stdout.splitlines()[-1])
