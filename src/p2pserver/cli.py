@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import sqlite3
 import sys
 from collections.abc import Sequence
@@ -382,6 +381,7 @@ async def serve_all(settings: Settings) -> None:
 
     secret = await _stored_secret(settings)
     turn = None
+    bound: dict[str, int] = {}
     if settings.turn:
         from p2pserver.turn.workers import turn_server
 
@@ -399,21 +399,14 @@ async def serve_all(settings: Settings) -> None:
         )
     app = create_app(settings)
     app.state.turn = turn
-    turn_ports = {name: port for name, _, port in turn.addresses} if turn is not None else {}
     if turn is not None:  # SIGHUP: a renewed certificate for TURN over TLS (docs/operations.md)
         asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, turn.reload_tls)
 
-    class ReportingServer(DrainingServer):
-        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-            await super().startup(sockets)
-            if self.started:
-                http_port = self.servers[0].sockets[0].getsockname()[1]
-                _write_ready(settings, {"http": http_port, **turn_ports})
-
-    server = ReportingServer(
+    server = DrainingServer(
         uvicorn_config(app, settings),
         drain=app.state.hub.close_all,
         health_file=settings.health_file,
+        on_listening=lambda http_port: _write_ready(settings, {"http": http_port, **bound}),
     )
     try:
         await server.serve()
@@ -429,10 +422,9 @@ def _write_ready(settings: Settings, ports: dict[str, int]) -> None:
     """--ready-file: the ports, written whole (renamed into place) so a reader never sees half."""
     if settings.ready_file is None:
         return
-    temporary = f"{settings.ready_file}.tmp"
-    with open(temporary, "w", encoding="utf-8") as out:
-        json.dump(ports, out)
-    os.replace(temporary, settings.ready_file)
+    from p2pserver.serving import replace_file
+
+    replace_file(settings.ready_file, json.dumps(ports))
 
 
 def database_problem(path: str) -> str | None:

@@ -72,13 +72,19 @@ def health_url(sockname: tuple[Any, ...]) -> str:
     return f"http://{host}:{port}/healthz"
 
 
+def replace_file(path: str, text: str) -> None:
+    """Write `path` whole: a reader (a health check, a test waiting for the ports) never sees
+    a half-written file."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(tmp, path)
+
+
 def write_health_file(path: str, url: str) -> None:
     """Tell `python -m p2pserver.healthcheck` where to look (the port may be a flag)."""
     try:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as file:
-            file.write(url + "\n")
-        os.replace(tmp, path)  # never a half-written file for a concurrent check
+        replace_file(path, url + "\n")
     except OSError as exc:
         log.warning("cannot write the health file %s: %s", path, exc)
 
@@ -95,18 +101,23 @@ class DrainingServer(uvicorn.Server):
         config: uvicorn.Config,
         drain: Callable[[], Awaitable[None]],
         health_file: str | None = None,
+        on_listening: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(config)
         self._drain = drain
         self._health_file = health_file
+        self._on_listening = on_listening  # told the HTTP port once it listens (--ready-file)
         redact_room_ids()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self.started and self._health_file:
-            listening = [s.getsockname() for server in self.servers for s in server.sockets]
-            if listening:
-                write_health_file(self._health_file, health_url(listening[0]))
+        listening = [s.getsockname() for server in self.servers for s in server.sockets]
+        if not (self.started and listening):
+            return
+        if self._health_file:
+            write_health_file(self._health_file, health_url(listening[0]))
+        if self._on_listening is not None:
+            self._on_listening(listening[0][1])
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         if self._health_file:  # draining is not healthy: a check from now on fails fast
