@@ -14,7 +14,7 @@ import pytest
 
 from netns import need_netns, run_in_netns
 from p2pserver.check import IceUrl
-from serverlog import TIMEOUT, Server
+from serverlog import TIMEOUT, Process, run_server
 from tlskit import self_signed
 
 HERE = Path(__file__).parent
@@ -30,9 +30,9 @@ def run_check(url: str) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
-async def start(tmp_path: Path, *extra: str) -> tuple[Server, str]:
+async def start(tmp_path: Path, *extra: str) -> tuple[Process, str]:
     """A whole server on loopback, every port 0: the iceServers name the ports bound."""
-    server = Server(
+    server = run_server(
         [
             "--http-host", "127.0.0.1", "--http-port", "0",
             "--turn-host", "127.0.0.1", "--turn-port", "0", "--tls-port", "0",
@@ -79,7 +79,7 @@ async def test_check_passes_against_a_healthy_server_on_every_transport(tmp_path
         ("loopback", "tcp"),
         ("loopback", "tls"),
     }
-    assert "relay self-test ok" in server.text()
+    assert "relay self-test ok" in server.log()
 
 
 async def test_check_blames_a_wrong_external_ip(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ async def test_check_blames_a_wrong_external_ip(tmp_path: Path) -> None:
     # so, as it no longer goes out through --external-ip (docs/turn.md, "Relay to relay").
     assert report["status"] == "failed" and "advertised udp 127.0.0.2" in report["reason"], report
     assert all(c["ok"] for c in report["checks"] if c["via"] == "loopback"), report
-    assert "relay self-test FAILED" in server.text()
+    assert "relay self-test FAILED" in server.log()
 
 
 def test_check_says_when_udp_to_the_turn_port_is_blocked(tmp_path: Path) -> None:
@@ -153,7 +153,7 @@ async def test_check_names_a_turn_port_nothing_answers_on(tmp_path: Path) -> Non
         udp.bind(("127.0.0.1", 0))  # takes the datagrams, never answers
         port = udp.getsockname()[1]
         tcp.bind(("127.0.0.1", port))  # bound, not listening: connections are refused
-        server = Server(
+        server = run_server(
             [
                 "--http-host", "127.0.0.1", "--http-port", "0", "--no-turn",
                 "--turn-port", str(port), "--db", str(tmp_path / "rooms.db"),

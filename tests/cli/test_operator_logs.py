@@ -13,12 +13,12 @@ import websockets
 from aioice.turn import create_turn_endpoint
 
 from peers import Echo, Inbox
-from serverlog import TIMEOUT, Server
+from serverlog import TIMEOUT, run_server
 from tlskit import self_signed
 
 
 async def test_json_logs_parse_line_by_line_with_room_ids_redacted(tmp_path: Path) -> None:
-    server = Server(
+    server = run_server(
         [
             "--log-format", "json",
             "--http-host", "127.0.0.1", "--http-port", "0",
@@ -39,12 +39,12 @@ async def test_json_logs_parse_line_by_line_with_room_ids_redacted(tmp_path: Pat
         await server.wait_for(r"/ws/<room>")  # uvicorn's line for the WebSocket, redacted
     finally:
         assert server.stop() == 0
-    lines = server.text().splitlines()
+    lines = server.log().splitlines()
     entries = [json.loads(line) for line in lines]  # every line is one JSON object
     assert all({"ts", "level", "logger", "msg"} <= set(entry) for entry in entries)
     loggers = {entry["logger"] for entry in entries}
     assert "p2pserver.turn.server" in loggers and "uvicorn.error" in loggers  # both sides
-    assert room not in server.text()
+    assert room not in server.log()
 
 
 async def test_sighup_swaps_the_tls_certificate_and_open_allocations_keep_relaying(
@@ -52,7 +52,7 @@ async def test_sighup_swaps_the_tls_certificate_and_open_allocations_keep_relayi
 ) -> None:
     cert, key = self_signed(tmp_path)
     first = Path(cert).read_bytes()
-    server = Server(
+    server = run_server(
         [
             "--no-http", "--turn-host", "127.0.0.1", "--turn-port", "0", "--tls-port", "0",
             "--tls-cert", cert, "--tls-key", key,

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from p2pserver.metrics import Metrics
 from peers import Echo, Inbox
-from serverlog import Server
+from serverlog import Process, run_server
 
 TIMEOUT = 30.0
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -36,8 +36,8 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-async def start(tmp_path: Path, *extra: str) -> tuple[Server, str, int]:
-    server = Server(
+async def start(tmp_path: Path, *extra: str) -> tuple[Process, str, int]:
+    server = run_server(
         [
             "--http-host", "127.0.0.1", "--http-port", "0",
             "--turn-host", "127.0.0.1", "--turn-port", "0", "--no-self-test",
