@@ -28,9 +28,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from p2pserver import pins
 from p2pserver.ratelimit import Ticket
-from p2pserver.rooms import ROOM_ID_BYTES, Room, RoomStore, check_pin, is_room_id
+from p2pserver.rooms import Room, RoomStore, check_pin, is_room_id, new_room
 from p2pserver.store import StoreUnavailable
 
 PREFIX = "p2p:"
@@ -209,23 +208,15 @@ class RedisRoomStore:
     async def create_room(
         self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
     ) -> tuple[Room, str | None]:
-        pin = pins.new_pin() if with_pin else None
-        pin_hash = await asyncio.to_thread(pins.hash_pin, pin) if pin else None
-        while True:
-            room_id = secrets.token_urlsafe(ROOM_ID_BYTES)
-            created = await self._create(
-                keys=[self._key(room_id), self._index],
-                args=[
-                    pin_hash or "",
-                    max_peers,
-                    repr(now),
-                    int(private),
-                    self._ttl_seconds,
-                    room_id,
-                ],
-            )
-            if created:  # else the id was taken: 2**-128 odds, but cheap to handle
-                return Room(room_id, pin_hash, max_peers, now, now, private=private), pin
+        return await new_room(
+            self._add, with_pin=with_pin, max_peers=max_peers, now=now, private=private
+        )
+
+    async def _add(self, room: Room) -> bool:
+        """Store a new room with its expiry; False when its id is taken."""
+        args = [room.pin_hash or "", room.max_peers, repr(room.created), int(room.private)]
+        args += [self._ttl_seconds, room.id]
+        return bool(await self._create(keys=[self._key(room.id), self._index], args=args))
 
     @unavailable_on_error
     async def get(self, room_id: str, now: float) -> Room | None:

@@ -79,6 +79,24 @@ async def check_pin(room: Room, pin: str) -> bool:
     return await asyncio.to_thread(pins.verify_pin, pin, room.pin_hash)
 
 
+async def new_room(
+    add: Callable[[Room], Awaitable[bool]],
+    *,
+    with_pin: bool,
+    max_peers: int,
+    now: float,
+    private: bool,
+) -> tuple[Room, str | None]:
+    """A room with a fresh id and, if asked, a PIN (stored only as a hash), once `add` has
+    stored it; `add` says False when the id was taken (2**-128 odds, but cheap to handle)."""
+    pin = pins.new_pin() if with_pin else None
+    pin_hash = await asyncio.to_thread(pins.hash_pin, pin) if pin else None
+    while True:
+        room = Room(secrets.token_urlsafe(ROOM_ID_BYTES), pin_hash, max_peers, now, now, private)
+        if await add(room):
+            return room, pin
+
+
 class RoomStore:
     """Rooms in one aiosqlite connection.
 
@@ -142,16 +160,16 @@ class RoomStore:
         self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
     ) -> tuple[Room, str | None]:
         """Create a room; return it and its PIN (or None), once it is on disk."""
-        pin = pins.new_pin() if with_pin else None
-        pin_hash = await asyncio.to_thread(pins.hash_pin, pin) if pin else None
-        while True:
-            room_id = secrets.token_urlsafe(ROOM_ID_BYTES)
-            room = Room(room_id, pin_hash, max_peers, now, now, private=private)
-            try:
-                await self._insert(room)
-            except aiosqlite.IntegrityError:  # 2**-128 odds, but cheap to handle
-                continue
-            return room, pin
+        return await new_room(
+            self._add, with_pin=with_pin, max_peers=max_peers, now=now, private=private
+        )
+
+    async def _add(self, room: Room) -> bool:
+        try:
+            await self._insert(room)
+        except aiosqlite.IntegrityError:  # the id is taken
+            return False
+        return True
 
     async def _insert(self, room: Room) -> None:
         """Queue the room for the inserter and wait until its transaction is committed.
