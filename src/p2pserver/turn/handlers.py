@@ -51,7 +51,6 @@ UDP = 17  # REQUESTED-TRANSPORT protocol number (RFC 8656 §14.7)
 # 1 ms on this project's test machine, so expiry never stalls the event loop much longer.
 TIMER_BUDGET = 2000
 _SEND_INDICATION = b"\x00\x16"
-_BINDING_REQUEST = b"\x00\x01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +127,7 @@ class TurnCore:
         if data[:2] == _SEND_INDICATION:
             self.send_indication(data, client)
             return None
-        if data[:2] == _BINDING_REQUEST:
+        if data[:2] == stun.BINDING_REQUEST:
             reply = self.answer_binding(data, client.remote)
             if reply is not None:
                 return reply

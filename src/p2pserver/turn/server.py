@@ -29,12 +29,12 @@ from p2pserver.turn.framing import FramingError, StreamFramer
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
 from p2pserver.turn.relay import Hairpin, RelayPorts, SharedRelayPorts
+from p2pserver.turn.stun import BINDING_REQUEST
 
 log = logging.getLogger(__name__)
 
 FLUSH_INTERVAL = 1.0  # how often log counts held back by RateLimitedLog are looked at
 TIMER_FAULT_BACKOFF = 1.0  # after a fault in the timers, wait this long before trying again
-BINDING_REQUEST = b"\x00\x01"  # the first two bytes of a STUN Binding request (RFC 8489 §5)
 TCP_IDLE_TIMEOUT = 60.0  # a TCP/TLS connection that allocates nothing is closed after this
 TCP_MAX_BUFFERED = 1 << 20  # relay data for a client that does not read is dropped past this
 

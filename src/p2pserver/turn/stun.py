@@ -401,7 +401,7 @@ REASONS = {
 }
 
 
-_BINDING_REQUEST = b"\x00\x01"
+BINDING_REQUEST = b"\x00\x01"  # the first two bytes of a Binding request (RFC 8489 §5)
 _HEAD = struct.Struct("!HHI")  # type, length, magic cookie (the transaction id follows)
 _ATTR = struct.Struct("!HH")
 
@@ -422,7 +422,7 @@ class BindingAnswerer:
 
     def answer(self, data: bytes, remote: tuple[str, int]) -> bytes | None:
         size = len(data)
-        if size < HEADER or data[:2] != _BINDING_REQUEST or data[4:8] != COOKIE_BYTES:
+        if size < HEADER or data[:2] != BINDING_REQUEST or data[4:8] != COOKIE_BYTES:
             return None
         if HEADER + _ATTR.unpack_from(data, 2)[0] != size or size & 3:
             return None
