@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from httpkit import Peer, Server, StartProcess, StartServer
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from p2pserver import messages as m
 from p2pserver.roomcache import RoomCache
@@ -289,3 +290,18 @@ async def test_a_joined_peer_that_stops_reading_is_dropped_and_the_sender_carrie
     assert await first == {"type": "peer-left", "peerId": b_id}
     await a.alive()
     b_ws.transport.abort()
+
+
+async def test_a_joined_peer_sending_invalid_utf8_is_closed_with_1007(server: Server) -> None:
+    room_id, _ = await server.create_room()
+    a = await server.join(room_id)
+    b = await server.join(room_id)
+    await a.expect("peer-joined")
+    # A text frame whose payload is not UTF-8, written raw (a client library would refuse):
+    # FIN + text, masked, 2 bytes (RFC 6455 §5.2); mask 0 leaves the payload as it is.
+    b.ws.transport.write(b"\x81\x82\x00\x00\x00\x00\xff\xfe")
+    with pytest.raises(ConnectionClosed) as closed:
+        await asyncio.wait_for(b.ws.recv(), 20)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007  # RFC 6455 §8.1
+    assert await a.expect("peer-left") == {"type": "peer-left", "peerId": b.id}
+    await a.alive()
