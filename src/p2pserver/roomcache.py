@@ -28,6 +28,11 @@ log = logging.getLogger("p2pserver.rooms")
 
 MAX_ENTRIES = 100_000  # a Room is a few hundred bytes
 MAX_AGE = 30.0  # seconds before an entry is read from the store again
+# A touch this close to the activity the store already has is not written: rooms expire on a
+# sweep every TTL/10, so a clock this much behind changes nothing anyone sees, and a room's
+# first join, right after its create, costs no write.
+TOUCH_SLACK_MAX = 30.0
+TOUCH_SLACK_SHARE = 0.01  # of the TTL
 
 
 class RoomCache:
@@ -92,10 +97,13 @@ class RoomCache:
 
     async def touch(self, room_ids: Iterable[str], now: float) -> None:
         """Mark rooms active; the store hears of it from the writer task, soon."""
+        recent = now - min(TOUCH_SLACK_MAX, self.ttl * TOUCH_SLACK_SHARE)
         for room_id in room_ids:
+            entry = self._rooms.get(room_id)
+            if entry is not None and entry[0].last_active >= recent:
+                continue  # written (or about to be) recently enough
             if self._touches.get(room_id, 0.0) < now:
                 self._touches[room_id] = now
-            entry = self._rooms.get(room_id)
             if entry is not None and entry[0].last_active < now:
                 self._rooms[room_id] = (dataclasses.replace(entry[0], last_active=now), entry[1])
         if self._touches and (self._writer is None or self._writer.done()):

@@ -214,21 +214,11 @@ class RoomStore:
                     _settle(waiter, RuntimeError("room store closed"))
 
     async def _insert_rows(self, rows: list[tuple[Any, ...]]) -> None:
-        if self._writer is not None:
-            return await self._writer.insert(rows)
-        await self._write("BEGIN IMMEDIATE", ())
-        try:
-            async with self._db.executemany(
-                "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active, private)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            ):
-                pass
-            await self._write("COMMIT", ())
-        except BaseException:
-            with contextlib.suppress(aiosqlite.Error, ValueError):
-                await self._write("ROLLBACK", ())
-            raise
+        await self._write_many(
+            "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active, private)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
 
     async def get(self, room_id: str, now: float) -> Room | None:
         """The room, or None if it does not exist or has expired (even if not yet swept)."""
@@ -251,14 +241,15 @@ class RoomStore:
     async def touch(self, room_ids: Iterable[str], now: float) -> None:
         rows = [(now, room_id, now) for room_id in room_ids]
         if rows:
-            async with self._db.executemany(
+            await self._write_many(
                 "UPDATE rooms SET last_active = ? WHERE id = ? AND last_active < ?", rows
-            ):
-                pass
+            )
 
     async def sweep(self, now: float) -> int:
         """Delete rooms idle for longer than the TTL; return how many."""
-        return await self._write("DELETE FROM rooms WHERE last_active <= ?", (now - self.ttl,))
+        return await self._write_many(
+            "DELETE FROM rooms WHERE last_active <= ?", [(now - self.ttl,)]
+        )
 
     async def count(self) -> int:
         row = await self._fetchone("SELECT count(*) FROM rooms", ())
@@ -266,7 +257,9 @@ class RoomStore:
 
     async def meta_get_or_set(self, key: str, value: str) -> str:
         """meta[key], storing `value` first if absent (race-free across processes)."""
-        await self._write("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        await self._write_many(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", [(key, value)]
+        )
         row = await self._fetchone("SELECT value FROM meta WHERE key = ?", (key,))
         assert row is not None
         return str(row[0])
@@ -286,13 +279,33 @@ class RoomStore:
         async with self._db.execute(sql, params) as cur:
             return cur.rowcount
 
+    async def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
+        """Run `sql` once per row in one transaction (one disk sync); return the rows changed.
+
+        With a file, every write goes through the writer's connection: two connections that
+        both write wait on each other's locks (busy_timeout sleeps), and autocommit would sync
+        the disk once per row.
+        """
+        if self._writer is not None:
+            return await self._writer.write_many(sql, rows)
+        await self._write("BEGIN IMMEDIATE", ())
+        try:
+            async with self._db.executemany(sql, rows) as cur:
+                changed = cur.rowcount
+            await self._write("COMMIT", ())
+        except BaseException:
+            with contextlib.suppress(aiosqlite.Error, ValueError):
+                await self._write("ROLLBACK", ())
+            raise
+        return changed
+
 
 class _Writer:
-    """A connection of its own, on a thread of its own, for inserting rooms.
+    """A connection of its own, on a thread of its own, for every write to the file.
 
-    A batch is one trip to that thread (BEGIN, the inserts, COMMIT) where aiosqlite would take
-    three, each waiting its turn on a busy event loop: creating a room waits for less. WAL lets
-    it write while the main connection reads; busy_timeout covers the two writing at once.
+    A write is one trip to that thread (BEGIN, the statements, COMMIT) where aiosqlite would
+    take three, each waiting its turn on a busy event loop. One writing connection never waits
+    on another's lock; WAL lets it write while the main connection reads.
     """
 
     def __init__(self, path: str) -> None:
@@ -300,31 +313,29 @@ class _Writer:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "p2pserver-rooms")
         self._conn: sqlite3.Connection | None = None
 
-    async def insert(self, rows: list[tuple[Any, ...]]) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._insert, rows)
+    async def write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._write_many, sql, rows)
 
     async def close(self) -> None:
         with contextlib.suppress(RuntimeError):  # closed already
             await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
         self._executor.shutdown(wait=False)
 
-    def _insert(self, rows: list[tuple[Any, ...]]) -> None:
+    def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
         if self._conn is None:
             self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            self._conn.execute("PRAGMA busy_timeout = 5000")
+            self._conn.execute("PRAGMA busy_timeout = 5000")  # other processes on the file
             self._conn.execute("PRAGMA synchronous = FULL")  # as RoomStore.open says
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(
-                "INSERT INTO rooms (id, pin_hash, max_peers, created, last_active, private)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            changed = conn.executemany(sql, rows).rowcount
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        return changed
 
     def _close(self) -> None:
         if self._conn is not None:

@@ -313,6 +313,20 @@ async def test_concurrent_joins_and_touches_share_one_connection(open_store: Ope
         await store.close()
 
 
+async def test_a_file_is_written_through_one_connection_only(tmp_path: Path) -> None:
+    # Two writing connections wait on each other's locks (busy_timeout sleeps): every write
+    # goes through the writer's connection, the main one only reads.
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
+    try:
+        room_id, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
+        await store.touch([room_id], 1050.0)
+        await store.turn_secret()
+        assert await store.sweep(1200.0) == 1
+        assert store._db.total_changes == 0
+    finally:
+        await store.close()
+
+
 def test_redis_urls_lose_their_password_in_messages() -> None:
     assert redacted("redis://:hunter2@10.0.0.5:6380/1") == "redis://:***@10.0.0.5:6380/1"
     assert redacted("rediss://app:pw@[::1]/0") == "rediss://app:***@[::1]/0"

@@ -209,6 +209,23 @@ async def test_cache_answers_joins_and_batches_touches() -> None:
     await cache.close()
 
 
+async def test_cache_skips_touches_of_rooms_it_knows_are_fresh() -> None:
+    store = CountingStore(ttl=1000.0)  # touches within 10 s (1 % of the TTL) are not written
+    cache = RoomCache(store)  # type: ignore[arg-type]
+    room_id, _ = await cache.create(with_pin=False, max_peers=2, now=0.0)  # last_active 0.0
+    await cache.touch([room_id], 5.0)  # its first join, right after the create
+    await cache.flush()
+    assert store.touches == []
+    await cache.touch([room_id], 10.5)
+    await cache.flush()
+    assert store.touches == [([room_id], 10.5)]
+    await cache.touch([room_id], 15.0)  # 4.5 s after the last write
+    await cache.touch(["room999999999999"], 15.0)  # not cached: always written
+    await cache.flush()
+    assert store.touches[1:] == [(["room999999999999"], 15.0)]
+    await cache.close()
+
+
 async def test_cache_rereads_old_entries(tmp_path: Path) -> None:
     store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
     cache = RoomCache(store, max_age=0.0)
