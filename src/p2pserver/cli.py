@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--http-port", type=int, default=d.http_port, help="HTTP port (3000)")
     http.add_argument("--db", default=d.db, help="SQLite database file (p2pserver.db)")
     http.add_argument(
+        "--db-sync",
+        choices=("normal", "full"),
+        default=d.db_sync,
+        help="normal: a room created just before a power cut may be lost; full: a disk sync "
+        "before each answer (normal)",
+    )
+    http.add_argument(
         "--redis",
         default=None,
         metavar="URL",
@@ -348,7 +355,7 @@ async def _stored_secret(settings: Settings) -> str:
         # its connect fails, which then complains (with a traceback) about the closed loop.
         with contextlib.closing(sqlite3.connect(settings.db)) as db:
             db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        store = await RoomStore.open(settings.db, settings.room_ttl)
+        store = await RoomStore.open(settings.db, settings.room_ttl, settings.db_sync)
     except (sqlite3.Error, OSError, RuntimeError) as exc:
         raise StartupError(f"cannot open the database {settings.db}: {exc}") from exc
     try:

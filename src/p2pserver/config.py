@@ -20,6 +20,7 @@ class Settings:
     http_host: str = "0.0.0.0"
     http_port: int = 3000
     db: str = "p2pserver.db"
+    db_sync: str = "normal"  # SQLite's synchronous setting: normal or full (docs/api.md, rooms)
     redis: str | None = None  # redis:// URL: the store a fleet of instances shares (docs/deploy.md)
     redis_presence_ttl: float = 10.0  # a dead instance's peers are reported left within 1.5x this
     public_host: str | None = None

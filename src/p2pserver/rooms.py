@@ -69,6 +69,7 @@ async def _v2(db: aiosqlite.Connection) -> None:
 # field are at every version.
 MIGRATIONS: tuple[Migration, ...] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
+SYNC_MODES = ("normal", "full")  # --db-sync
 
 
 async def check_pin(room: Room, pin: str) -> bool:
@@ -107,27 +108,33 @@ class RoomStore:
     another query at that moment (SQLITE_MISUSE, "bad parameter or other API misuse").
     """
 
-    def __init__(self, db: aiosqlite.Connection, ttl: float, path: str | None = None) -> None:
+    def __init__(
+        self, db: aiosqlite.Connection, ttl: float, path: str | None = None, sync: str = "normal"
+    ) -> None:
         self._db = db
         self.ttl = ttl
         self._inserts: list[tuple[Room, asyncio.Future[None]]] = []
         self._inserter: asyncio.Task[None] | None = None
         # A file has a second connection for inserts; ":memory:" would be another database.
-        self._writer = _Writer(path) if path and path != ":memory:" else None
+        self._writer = _Writer(path, sync) if path and path != ":memory:" else None
 
     @classmethod
-    async def open(cls, path: str, ttl: float) -> RoomStore:
+    async def open(cls, path: str, ttl: float, sync: str = "normal") -> RoomStore:
+        """`sync` is SQLite's synchronous setting for the file (--db-sync, docs/api.md#rooms).
+        In WAL mode, NORMAL syncs the disk at checkpoints only: a crash of this process loses
+        nothing, a power cut may lose the last commits. FULL syncs at every commit."""
+        if sync not in SYNC_MODES:
+            raise ValueError(f"synchronous must be one of {', '.join(SYNC_MODES)}")
         db = await aiosqlite.connect(path, isolation_level=None)
         try:
             await db.execute("PRAGMA busy_timeout = 5000")
             await db.execute("PRAGMA journal_mode = WAL")
-            # FULL: a created room is on disk before its id is handed out, even across power loss.
-            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute(f"PRAGMA synchronous = {sync.upper()}")
             await migrate(db)
         except BaseException:
             await db.close()
             raise
-        return cls(db, ttl, path)
+        return cls(db, ttl, path, sync)
 
     async def close(self) -> None:
         if self._inserter is not None:
@@ -174,8 +181,8 @@ class RoomStore:
     async def _insert(self, room: Room) -> None:
         """Queue the room for the inserter and wait until its transaction is committed.
 
-        Rooms created at the same time share one transaction, so one disk sync (synchronous =
-        FULL) covers them all instead of one sync each.
+        Rooms created at the same time share one transaction, so one commit (a disk sync with
+        --db-sync full) covers them all instead of one each.
         """
         waiter = asyncio.get_running_loop().create_future()
         self._inserts.append((room, waiter))
@@ -308,14 +315,24 @@ class _Writer:
     on another's lock; WAL lets it write while the main connection reads.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, sync: str) -> None:
         self._path = path
+        self._sync = sync
         self._executor = concurrent.futures.ThreadPoolExecutor(1, "p2pserver-rooms")
         self._conn: sqlite3.Connection | None = None
 
     async def write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._write_many, sql, rows)
+
+    async def pragma(self, name: str) -> Any:
+        """A setting of the writer's connection (for tests and diagnostics)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._pragma, name)
+
+    def _pragma(self, name: str) -> Any:
+        assert self._conn is not None and name.isidentifier()
+        return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
 
     async def close(self) -> None:
         with contextlib.suppress(RuntimeError):  # closed already
@@ -326,7 +343,7 @@ class _Writer:
         if self._conn is None:
             self._conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA busy_timeout = 5000")  # other processes on the file
-            self._conn.execute("PRAGMA synchronous = FULL")  # as RoomStore.open says
+            self._conn.execute(f"PRAGMA synchronous = {self._sync.upper()}")  # RoomStore.open
         conn = self._conn
         conn.execute("BEGIN IMMEDIATE")
         try:

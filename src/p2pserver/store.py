@@ -76,4 +76,4 @@ async def open_store(settings: Settings) -> Store:
         return await RedisRoomStore.open(settings.redis, settings.room_ttl)
     from p2pserver.rooms import RoomStore
 
-    return await RoomStore.open(settings.db, settings.room_ttl)
+    return await RoomStore.open(settings.db, settings.room_ttl, settings.db_sync)

@@ -95,6 +95,7 @@ def test_relay_ip_once_per_family() -> None:
         ["--ws-compression", "maybe"],
         ["--metrics-allow", "not-a-cidr"],
         ["--log-format", "xml"],
+        ["--db-sync", "off"],
     ],
 )
 def test_bad_flags_exit_with_a_message(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -203,6 +204,12 @@ def test_redis_flag_and_environment_variable() -> None:
     assert parse_settings([]).redis is None
     assert parse_settings(["--redis", "redis://r:6379/0"]).redis == "redis://r:6379/0"
     assert parse_settings([], {"P2P_REDIS": "redis://e:6379/2"}).redis == "redis://e:6379/2"
+
+
+def test_db_sync_flag() -> None:
+    assert parse_settings([], {}).db_sync == "normal"
+    assert parse_settings(["--db-sync", "full"], {}).db_sync == "full"
+    assert parse_settings([], {"P2P_DB_SYNC": "full"}).db_sync == "full"
 
 
 def test_resume_window_flag() -> None:

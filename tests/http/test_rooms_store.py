@@ -313,6 +313,20 @@ async def test_concurrent_joins_and_touches_share_one_connection(open_store: Ope
         await store.close()
 
 
+@pytest.mark.parametrize(("sync", "level"), [("normal", 1), ("full", 2)])
+async def test_db_sync_sets_both_connections(tmp_path: Path, sync: str, level: int) -> None:
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100, sync=sync)
+    try:
+        await store.create(with_pin=False, max_peers=2, now=1000.0)  # opens the writer's
+        assert await store._fetchone("PRAGMA synchronous", ()) == (level,)
+        assert store._writer is not None
+        assert await store._writer.pragma("synchronous") == level
+    finally:
+        await store.close()
+    with pytest.raises(ValueError, match="synchronous"):
+        await RoomStore.open(str(tmp_path / "b.db"), ttl=100, sync="off")
+
+
 async def test_a_file_is_written_through_one_connection_only(tmp_path: Path) -> None:
     # Two writing connections wait on each other's locks (busy_timeout sleeps): every write
     # goes through the writer's connection, the main one only reads.
