@@ -518,6 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-allocations", action="store_true")
     parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="run only the load figures whose name contains TEXT (repeatable)",
+    )
+    parser.add_argument(
         "--http-turn-workers",
         type=int,
         default=1,
@@ -561,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
                 lambda e, t, s=size: relay_to_peer(e, generator_cpu, t, s, args.seconds),
             )
         )
+    if args.only:
+        cases = [case for case in cases if any(text in case[0] for text in args.only)]
     blasts: dict[tuple[str, str], list[Blast]] = {}
     allocs: dict[str, list[tuple[float, float]]] = {}
     http_runs: list[tuple[tuple[float, float], tuple[float, float], Blast]] = []

@@ -171,26 +171,33 @@ class Allocation:
             return  # RFC 8656 §12.6: unbound channel or short message, discard
         if channel.peer[0] not in self.permissions:
             return  # the permission expired while the channel lived on
-        inside = self.inside.get(channel.peer)  # relay to relay in this process: no socket
+        peer = channel.peer
+        inside = self.inside.get(peer)  # relay to relay in this process: no socket
         if inside is None:
-            channel.relay.sendto(data[4 : 4 + length], channel.peer)
-        else:
-            self.deliver_inside(data[4 : 4 + length], channel.relay, *inside)
+            channel.relay.sendto(data[4 : 4 + length], peer)
+        else:  # deliver_inside, written out: this is the commonest relayed call
+            target, advertised = inside
+            relay = channel.relay
+            source = self.relayed_addresses[relay.family] if advertised else relay.address
+            target.from_peer(data[4 : 4 + length], source)
         self.peer_sentp += 1
         self.peer_sentb += length
 
     def from_peer(self, data: bytes, peer: Address) -> None:
         """A datagram on the relay socket: to the client as ChannelData or a Data indication."""
-        if peer[0] not in self.permissions or not self.permits(peer[0], peer[1]):
+        if peer[0] not in self.permissions or not self.permits(*peer):
             self.peer_denied += 1
             return  # RFC 8656 §11.4, docs/turn.md "Peer policy": drop silently
         number = self.peer_channels.get(peer)
-        if number is not None:
-            self.send_to_client(channel_data(number, data, self.pad))
-        else:
+        size = len(data)
+        if number is None:
             self.send_to_client(data_indication(peer, data))
+        elif self.pad and size & 3:
+            self.send_to_client(channel_data(number, data, True))
+        else:  # channel_data without the call (RFC 8656 §12.4)
+            self.send_to_client(_CHANNEL_HEADER.pack(number, size) + data)
         self.peer_rcvp += 1
-        self.peer_rcvb += len(data)
+        self.peer_rcvb += size
 
     # --- the rules around it ---------------------------------------------------------------
 

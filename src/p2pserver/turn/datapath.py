@@ -21,6 +21,11 @@ _HDR = struct.Struct("!HH")
 _XOR_V4 = struct.Struct("!HHBBH4s")  # type, length, reserved, family, x-port, x-address
 
 
+# The first bytes of ChannelData: channels 0x4000-0x7FFF (is_channel). A range, so the UDP hot
+# path tests membership without a call.
+CHANNEL_FIRST_BYTES = range(0x40, 0x80)
+
+
 def is_channel(first_byte: int) -> bool:
     """Whether a message whose first byte is `first_byte` is ChannelData, and (applied to
     `number >> 8`) whether a channel number may be bound: 0x4000-0x7FFF.
@@ -30,7 +35,7 @@ def is_channel(first_byte: int) -> bool:
     and pion accept it, so this server does too (docs/turn.md, "Channel numbers"). STUN's first
     byte is 0x00-0x3F, so the two never overlap. The one rule for ChannelBind, the UDP listener
     and the TCP framer."""
-    return 0x40 <= first_byte <= 0x7F
+    return first_byte in CHANNEL_FIRST_BYTES
 
 
 def channel_data(channel: int, payload: bytes, pad: bool) -> bytes:

@@ -24,7 +24,7 @@ from p2pserver.config import Settings, StartupError
 from p2pserver.selftest import SelfTest
 from p2pserver.turn.allocation import Address, FiveTuple, UserCounts, family_of
 from p2pserver.turn.auth import Nonces
-from p2pserver.turn.datapath import is_channel
+from p2pserver.turn.datapath import CHANNEL_FIRST_BYTES, is_channel
 from p2pserver.turn.framing import FramingError, StreamFramer
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
@@ -95,7 +95,7 @@ class RateLimitedLog:
 class UdpListener(asyncio.DatagramProtocol):
     def __init__(self, server: TurnServer) -> None:
         self.server = server
-        self.allocations = server.core.table.by_tuple
+        self.allocation = server.core.table.by_tuple.get  # by 5-tuple, on the hot path
         self.transport: asyncio.DatagramTransport | None = None
         self.local: Address = ("0.0.0.0", 0)
 
@@ -109,8 +109,8 @@ class UdpListener(asyncio.DatagramProtocol):
                 addr = addr[:2]  # IPv6 sockets add flowinfo and scope
             # ChannelData (channels 0x4000-0x7FFF, see datapath.is_channel), the hot path;
             # anything else with a first byte of 0x80-0xFF is garbage that TurnCore drops.
-            if len(data) >= 4 and is_channel(data[0]):
-                allocation = self.allocations.get(("udp", addr, self.local))
+            if len(data) >= 4 and data[0] in CHANNEL_FIRST_BYTES:
+                allocation = self.allocation(("udp", addr, self.local))
                 if allocation is not None:
                     allocation.from_client_channel(data)
                 return
