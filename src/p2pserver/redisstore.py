@@ -29,7 +29,7 @@ from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from p2pserver.ratelimit import Ticket
-from p2pserver.rooms import Room, RoomStore, check_pin, is_room_id, new_room
+from p2pserver.rooms import Room, RoomStore, is_room_id
 from p2pserver.store import StoreUnavailable
 
 PREFIX = "p2p:"
@@ -202,15 +202,10 @@ class RedisRoomStore:
         except (RedisError, OSError, TimeoutError):
             return False
 
-    create = RoomStore.create  # the same on both back ends: create_room, then the id
-
-    @unavailable_on_error
-    async def create_room(
-        self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
-    ) -> tuple[Room, str | None]:
-        return await new_room(
-            self._add, with_pin=with_pin, max_peers=max_peers, now=now, private=private
-        )
+    # The same on both back ends: new_room() with this store's _add.
+    create = RoomStore.create
+    create_room = unavailable_on_error(RoomStore.create_room)
+    verify_pin = RoomStore.verify_pin
 
     async def _add(self, room: Room) -> bool:
         """Store a new room with its expiry; False when its id is taken."""
@@ -235,9 +230,6 @@ class RedisRoomStore:
         )
         # Expired by our clock but not yet by Redis's TTL: expired, as with SQLite.
         return room if room.last_active > now - self.ttl else None
-
-    async def verify_pin(self, room: Room, pin: str) -> bool:
-        return await check_pin(room, pin)
 
     @unavailable_on_error
     async def touch(self, room_ids: Iterable[str], now: float) -> None:
