@@ -62,59 +62,58 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0  # seconds between reconnection attempts, 
 READ_WAIT = 1.0  # seconds the inbox reader waits for a message before it looks at `up`
 INBOX = PREFIX + "inbox:"
 
+# Scripts that tell other instances define this first: send `message` to the inbox of each
+# instance among a room's members (HGETALL's flat peer, instance list) but `me`, once each.
+_TELL = """
+local function tell(members, me, inbox, message)
+  local told = {}
+  for i = 2, #members, 2 do
+    local inst = members[i]
+    if inst ~= me and not told[inst] then
+      told[inst] = true
+      redis.call('PUBLISH', inbox .. inst, message)
+    end
+  end
+end
+"""
+
+
+def _with_tell(body: str) -> str:
+    return _TELL + body
+
+
 # KEYS: members:{room}, peers:{instance}. ARGV: peer, instance, max peers, room, inbox prefix.
 # Returns {0} when the room is full, else {1, peer, instance, ...} (the members before).
-_JOIN = """
+_JOIN = _with_tell("""
 local members = redis.call('HGETALL', KEYS[1])
 if #members / 2 >= tonumber(ARGV[3]) then return {0} end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
-local told = {}
-for i = 2, #members, 2 do
-  local inst = members[i]
-  if inst ~= ARGV[2] and not told[inst] then
-    told[inst] = true
-    redis.call('PUBLISH', ARGV[5] .. inst, 'j|' .. ARGV[4] .. '|' .. ARGV[1] .. '|' .. ARGV[2])
-  end
-end
+tell(members, ARGV[2], ARGV[5], 'j|' .. ARGV[4] .. '|' .. ARGV[1] .. '|' .. ARGV[2])
 table.insert(members, 1, 1)
 return members
-"""
+""")
 
 # KEYS: members:{room}, peers:{instance}. ARGV: peer, instance, room, inbox prefix.
-_LEAVE = """
+_LEAVE = _with_tell("""
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 local members = redis.call('HGETALL', KEYS[1])
-local told = {}
-for i = 2, #members, 2 do
-  local inst = members[i]
-  if inst ~= ARGV[2] and not told[inst] then
-    told[inst] = true
-    redis.call('PUBLISH', ARGV[4] .. inst, 'l|' .. ARGV[3] .. '|' .. ARGV[1])
-  end
-end
+tell(members, ARGV[2], ARGV[4], 'l|' .. ARGV[3] .. '|' .. ARGV[1])
 return 1
-"""
+""")
 
 # KEYS: members:{room}, peers:{instance}. ARGV: peer, instance, room, inbox prefix. After an
 # outage: put a peer that is still here back (no size check: it was let in already).
-_REJOIN = """
+_REJOIN = _with_tell("""
 if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then return 0 end
 local members = redis.call('HGETALL', KEYS[1])
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-local told = {}
-for i = 2, #members, 2 do
-  local inst = members[i]
-  if inst ~= ARGV[2] and not told[inst] then
-    told[inst] = true
-    redis.call('PUBLISH', ARGV[4] .. inst, 'j|' .. ARGV[3] .. '|' .. ARGV[1] .. '|' .. ARGV[2])
-  end
-end
+tell(members, ARGV[2], ARGV[4], 'j|' .. ARGV[3] .. '|' .. ARGV[1] .. '|' .. ARGV[2])
 return 1
-"""
+""")
 
 # KEYS: resume:{token}. ARGV: room. The token's "room|peer|instance", used up, if it is for
 # this room; a token shown for another room stays as it was.
@@ -129,25 +128,18 @@ return record
 # KEYS: members:{room}, peers:{from}, peers:{to}. ARGV: peer, from, to, room, inbox prefix.
 # A resumed peer moves to instance `to`; the others learn where it is (a j for a peer they
 # know tells nobody). Returns the members after, flat.
-_MOVE = """
+_MOVE = _with_tell("""
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[4])
 local members = redis.call('HGETALL', KEYS[1])
-local told = {}
-for i = 2, #members, 2 do
-  local inst = members[i]
-  if inst ~= ARGV[3] and not told[inst] then
-    told[inst] = true
-    redis.call('PUBLISH', ARGV[5] .. inst, 'j|' .. ARGV[4] .. '|' .. ARGV[1] .. '|' .. ARGV[3])
-  end
-end
+tell(members, ARGV[3], ARGV[5], 'j|' .. ARGV[4] .. '|' .. ARGV[1] .. '|' .. ARGV[3])
 return members
-"""
+""")
 
 # KEYS: peers:{dead}, instances, alive:{dead}. ARGV: dead instance, key prefix, inbox prefix.
 # The room keys are built inside (one Redis, not Cluster: see redisstore.py).
-_REAP = """
+_REAP = _with_tell("""
 if redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 local peers = redis.call('HGETALL', KEYS[1])
 for i = 1, #peers, 2 do
@@ -155,21 +147,13 @@ for i = 1, #peers, 2 do
   local key = ARGV[2] .. 'members:' .. room
   if redis.call('HGET', key, peer) == ARGV[1] then
     redis.call('HDEL', key, peer)
-    local members = redis.call('HGETALL', key)
-    local told = {}
-    for j = 2, #members, 2 do
-      local inst = members[j]
-      if inst ~= ARGV[1] and not told[inst] then
-        told[inst] = true
-        redis.call('PUBLISH', ARGV[3] .. inst, 'l|' .. room .. '|' .. peer)
-      end
-    end
+    tell(redis.call('HGETALL', key), ARGV[1], ARGV[3], 'l|' .. room .. '|' .. peer)
   end
 end
 redis.call('DEL', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 return #peers / 2
-"""
+""")
 
 
 class _Op:
