@@ -75,7 +75,6 @@ async def serve(config: WorkerConfig, control: socket.socket) -> int:
         tls=socket.socket(fileno=config.tls_fd) if config.tls_fd is not None else None,
     )
     counts = SharedUserCounts(config.quota_fd, config.workers, config.index, config.quota_key)
-    counts.clear(config.index)  # a restarted worker holds nothing yet
     server = TurnServer(
         config.settings,
         config.secret,
@@ -105,7 +104,6 @@ async def serve(config: WorkerConfig, control: socket.socket) -> int:
         with contextlib.suppress(asyncio.CancelledError):
             await answering
         await server.stop()
-        counts.clear(config.index)
     return 0
 
 

@@ -346,7 +346,9 @@ class TurnWorkers:
                     self.retired[name] = self.retired.get(name, 0) + count
             worker.report = {}
             if self._quota is not None:
-                self._quota.clear(worker.index)  # its allocations are gone
+                # Its allocations are gone. The one place a worker's row is cleared: a worker
+                # killed could not, and its successor starts from this row.
+                self._quota.clear(worker.index)
             failures = 0 if time.monotonic() - worker.started > STABLE_AFTER else failures + 1
             delay = 0.0 if failures == 0 else min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (failures - 1))
             log.error(
