@@ -218,5 +218,14 @@ class HttpMetrics:
     def _route(scope: Scope) -> str:
         # Starlette's router leaves the route it matched in the scope (a partial match too: the
         # path matched, the method did not, 405). Unknown paths share one label: none per typo.
+        # A CORS preflight is answered before routing, so it has a label of its own.
         route = scope.get("route")
-        return str(getattr(route, "path", "other") or "/") if route is not None else "other"
+        if route is not None:
+            return str(getattr(route, "path", "other") or "/")
+        if scope["method"] == "OPTIONS" and _has_header(scope, b"access-control-request-method"):
+            return "preflight"
+        return "other"
+
+
+def _has_header(scope: Scope, name: bytes) -> bool:
+    return any(key == name for key, _ in scope["headers"])

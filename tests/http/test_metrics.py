@@ -62,6 +62,8 @@ async def test_metrics_count_real_traffic(tmp_path: Path, workers: str) -> None:
             room = (await http.post("/create-chat", json={"withPin": True})).json()
             assert (await http.get("/check-chat/nosuchroomnosuchroom00")).status_code == 404
             assert (await http.get("/no/such/page")).status_code == 404
+            preflight = {"Origin": "https://chat.example", "Access-Control-Request-Method": "POST"}
+            assert (await http.options("/create-chat", headers=preflight)).status_code == 200
             async with websockets.connect(f"ws://{base[7:]}/ws/{room['roomId']}") as ws:
                 wrong = f"{(int(room['pin']) + 1) % 1_000_000:06d}"
                 await ws.send(json.dumps({"type": "join", "pin": wrong}))
@@ -126,6 +128,7 @@ async def test_metrics_count_real_traffic(tmp_path: Path, workers: str) -> None:
     assert http("/create-chat", "POST", "200") == 1
     assert http("/check-chat/{room_id}", "GET", "404") == 1  # a template, never a room id
     assert http("other", "GET", "404") == 1
+    assert http("preflight", "OPTIONS", "200") == 1  # answered by CORS, before any route
     assert http("/metrics", "GET", "200") >= 1
     assert value(after, "p2pserver_create_chat_total", result="created") == 1
     assert value(after, "p2pserver_signaling_messages_total", type="join") == 1
