@@ -212,6 +212,33 @@ async def test_send_and_data_indications(
     assert indication.attributes["XOR-PEER-ADDRESS"] == peer.address
 
 
+async def test_tcp_client_that_stops_reading_loses_only_its_own_data(
+    open_server: TurnServer, peer: Peer
+) -> None:
+    """Relayed data for a TCP client that does not read is dropped past TCP_MAX_BUFFERED and
+    counted (client_write_drops); its allocation and everyone else go on."""
+    slow, relayed = await allocated(open_server, "tcp")
+    answer = await slow.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": peer.address})
+    assert answer.message_class == Class.RESPONSE
+    slow.transport.pause_reading()  # type: ignore[attr-defined]
+    assert peer.transport is not None
+    payload = bytes(1200)
+    # Bounded: at most 40,000 datagrams (48 MB), well past the kernel's buffers and the 1 MiB
+    # the server holds for one client.
+    for i in range(40_000):
+        peer.transport.sendto(payload, relayed)
+        if i % 200 == 199:
+            await asyncio.sleep(0.002)  # let the server relay what it read
+            if open_server.stats()["client_write_drops"]:
+                break
+    assert open_server.stats()["client_write_drops"] > 0
+    other = await connect(open_server, "udp")
+    assert (await other.request(Method.BINDING, sign=False)).message_class == Class.RESPONSE
+    assert open_server.stats()["allocations"] == 1  # the slow client keeps its allocation
+    slow.close()
+    other.close()
+
+
 # 0x7FFF: the top of RFC 5766's range, which old clients still use (datapath.is_channel); its
 # first byte 0x7F must reach the channel path on UDP and through the TCP framer.
 @pytest.mark.parametrize("channel", [0x4321, 0x7FFF])
