@@ -75,10 +75,19 @@ class CuttingProxy:
         self._loop.call_soon_threadsafe(abort_all)
 
     def stop(self) -> None:
-        self.cut()
-        self._loop.call_soon_threadsafe(self._server.close)
+        async def shutdown() -> None:  # no task left pending when the loop stops
+            self._server.close()
+            for transport in list(self._transports):
+                transport.abort()
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self._loop.close()
 
 
 def test_dropped_signaling_is_resumed_and_the_chat_goes_on(
