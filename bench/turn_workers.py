@@ -2,15 +2,18 @@
 
     .venv/bin/python bench/turn_workers.py                     # 1 and 2 workers, 3 rounds
     .venv/bin/python bench/turn_workers.py --workers 1,2 --rounds 3 --seconds 3 --pairs 8
+    .venv/bin/python bench/turn_workers.py --mode peer         # each allocation to a plain peer
 
 Starts `p2pserver --no-http --turn-workers W` on 127.0.0.1 for each W in turn (interleaved,
 `--rounds` times), and loads it from `--generators` processes. Each generator holds `--pairs`
 pairs of allocations relaying to each other (client A -> relay A -> relay B -> client B, the
-relay-to-relay path of two relayed browsers), and keeps `--window` ChannelData messages in flight
-per pair: a closed loop, so the server sets the pace and nothing piles up in buffers. Each run
-is bounded by `--seconds` and by `--count` messages per generator. Reported per W: the median
-over the rounds of messages/s delivered to B, the server's CPU (main process and workers, % of
-one core) and the generators' own CPU, which says whether they were the limit. Loopback only.
+relay-to-relay path of two relayed browsers) or, with `--mode peer`, as many allocations each
+with a channel to a plain UDP socket of the generator (client A -> relay A -> peer, one relayed
+browser), and keeps `--window` ChannelData messages in flight per pair: a closed loop, so the
+server sets the pace and nothing piles up in buffers. Each run is bounded by `--seconds` and by
+`--count` messages per generator. Reported per W: the median over the rounds of messages/s
+delivered to B (or the peer), the server's CPU (main process and workers, % of one core) and
+the generators' own CPU, which says whether they were the limit. Loopback only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import multiprocessing
 import os
 import selectors
 import signal
+import socket
 import statistics
 import struct
 import subprocess
@@ -37,14 +41,30 @@ MIDDLE = 57344  # default relay range cut in two: ports below are worker 0's (wo
 
 
 def generator(
-    port: int, pairs: int, size: int, window: int, seconds: float, count: int, go: Any, out: Any
+    port: int,
+    mode: str,
+    pairs: int,
+    size: int,
+    window: int,
+    seconds: float,
+    count: int,
+    go: Any,
+    out: Any,
 ) -> None:
-    links = []
+    links: list[tuple[socket.socket, socket.socket]] = []
     spread = [0, 0]
     for _ in range(pairs):
-        a, b = TurnClient((LOCALHOST, port)), TurnClient((LOCALHOST, port))
-        relayed_a, relayed_b = a.allocate(), b.allocate()
+        a = TurnClient((LOCALHOST, port))
+        relayed_a = a.allocate()
         spread[relayed_a[1] >= MIDDLE] += 1
+        if mode == "peer":  # the receiving end is a plain UDP socket
+            peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            peer.bind((LOCALHOST, 0))
+            a.channel_bind(peer.getsockname())
+            links.append((a.sock, peer))
+            continue
+        b = TurnClient((LOCALHOST, port))
+        relayed_b = b.allocate()
         spread[relayed_b[1] >= MIDDLE] += 1
         a.channel_bind(relayed_b)
         b.channel_bind(relayed_a)
@@ -125,6 +145,7 @@ def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
                     target=generator,
                     args=(
                         port,
+                        args.mode,
                         args.pairs,
                         args.size,
                         args.window,
@@ -172,6 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=8, help="allocation pairs/generator (8)")
     parser.add_argument("--window", type=int, default=16, help="in flight per pair (16)")
     parser.add_argument("--size", type=int, default=160, help="payload bytes (160)")
+    parser.add_argument(
+        "--mode",
+        choices=("relay", "peer"),
+        default="relay",
+        help="relay: allocation pairs relaying to each other; peer: each allocation to a plain "
+        "UDP socket (relay)",
+    )
     args = parser.parse_args(argv)
     counts = [int(w) for w in args.workers.split(",")]
     runs: dict[int, list[dict[str, Any]]] = {w: [] for w in counts}
