@@ -14,6 +14,12 @@ server sets the pace and nothing piles up in buffers. Each run is bounded by `--
 `--count` messages per generator. Reported per W: the median over the rounds of messages/s
 delivered to B (or the peer), the server's CPU (main process and workers, % of one core) and
 the generators' own CPU, which says whether they were the limit. Loopback only.
+
+On a machine with too few cores for the workers and the generators, `--cpu-per-worker F` gives
+each worker the same share of one core instead: the server (pinned to the last CPU) runs in a
+CPU cgroup of its own whose quota is W x F of a core, the generators run on the other CPUs, and
+throughput with 1 and 2 workers can be compared where neither the generators nor the machine
+are the limit (needs root and a cgroup v1 `cpu` or v2 `cpu.max` controller).
 """
 
 from __future__ import annotations
@@ -38,6 +44,46 @@ sys.path.insert(0, str(Path(__file__).parent))
 from turn_relay import CHANNEL, LOCALHOST, TurnClient, cpu_seconds
 
 MIDDLE = 57344  # default relay range cut in two: ports below are worker 0's (workers.slices)
+PERIOD_US = 100_000  # the cgroup's CPU accounting period
+
+
+class CpuQuota:
+    """A CPU cgroup with a quota of `cores` of one core, for a server and its workers (children
+    stay in their parent's cgroup). Removed on exit."""
+
+    def __init__(self, cores: float) -> None:
+        name = f"p2pserver-bench-{os.getpid()}"
+        quota = str(int(cores * PERIOD_US))
+        if Path("/sys/fs/cgroup/cgroup.controllers").exists():  # v2
+            self.path = Path("/sys/fs/cgroup") / name
+            self.path.mkdir()
+            (self.path / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+        else:  # v1
+            self.path = Path("/sys/fs/cgroup/cpu") / name
+            self.path.mkdir()
+            (self.path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(quota)
+
+    def enter(self) -> None:
+        """Move the calling process in (from the server's preexec_fn, before exec)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def throttled_seconds(self) -> float:
+        for line in (self.path / "cpu.stat").read_text().splitlines():
+            key, value = line.split()
+            if key == "throttled_usec":
+                return int(value) / 1e6
+            if key == "throttled_time":  # v1, in ns
+                return int(value) / 1e9
+        return 0.0
+
+    def remove(self) -> None:
+        for _ in range(50):  # the processes may take a moment to be gone
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
 
 
 def generator(
@@ -50,9 +96,12 @@ def generator(
     count: int,
     go: Any,
     out: Any,
+    cpus: set[int] | None = None,
 ) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     links: list[tuple[socket.socket, socket.socket]] = []
-    spread = [0, 0]
+    spread = [0, 0, 0]  # allocations in the lower and upper half of the range; pairs across
     for _ in range(pairs):
         a = TurnClient((LOCALHOST, port))
         relayed_a = a.allocate()
@@ -66,6 +115,7 @@ def generator(
         b = TurnClient((LOCALHOST, port))
         relayed_b = b.allocate()
         spread[relayed_b[1] >= MIDDLE] += 1
+        spread[2] += (relayed_a[1] >= MIDDLE) != (relayed_b[1] >= MIDDLE)
         a.channel_bind(relayed_b)
         b.channel_bind(relayed_a)
         links.append((a.sock, b.sock))
@@ -121,6 +171,32 @@ def family_cpu(pid: int) -> float:
 
 
 def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
+    quota, server_cpus, generator_cpus = None, None, None
+    if args.cpu_per_worker:
+        cpus = sorted(os.sched_getaffinity(0))
+        server_cpus, generator_cpus = {cpus[-1]}, set(cpus[:-1])
+        quota = CpuQuota(workers * args.cpu_per_worker)
+
+    def enter() -> None:  # in the server's process, before exec
+        if quota is not None:
+            quota.enter()
+        if server_cpus:
+            os.sched_setaffinity(0, server_cpus)
+
+    try:
+        return _one_run(workers, args, enter, quota, generator_cpus)
+    finally:
+        if quota is not None:
+            quota.remove()
+
+
+def _one_run(
+    workers: int,
+    args: argparse.Namespace,
+    enter: Any,
+    quota: CpuQuota | None,
+    generator_cpus: set[int] | None,
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ready = Path(tmp) / "ready.json"
         server = subprocess.Popen(
@@ -130,6 +206,7 @@ def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
                 "--turn-workers", str(workers), "--user", "bench:bench", "--no-self-test",
                 "--allow-peer", "127.0.0.0/8", "--user-quota", "0",
             ],
+            preexec_fn=enter,
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 30
@@ -153,20 +230,23 @@ def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
                         args.count,
                         go,
                         out,
+                        generator_cpus,
                     ),
                 )
                 for _ in range(args.generators)
             ]
             for proc in procs:
                 proc.start()
-            spread = [0, 0]
+            spread = [0, 0, 0]
             for _ in procs:
                 _, got = out.get(timeout=60)
-                spread = [spread[0] + got[0], spread[1] + got[1]]
+                spread = [mine + theirs for mine, theirs in zip(spread, got, strict=True)]
             cpu0 = family_cpu(server.pid)
+            throttled0 = quota.throttled_seconds() if quota is not None else 0.0
             go.set()
             results = [out.get(timeout=args.seconds + 60) for _ in procs]
             server_cpu = family_cpu(server.pid) - cpu0
+            throttled = quota.throttled_seconds() - throttled0 if quota is not None else 0.0
             for proc in procs:
                 proc.join(10)
         finally:
@@ -179,7 +259,10 @@ def one_run(workers: int, args: argparse.Namespace) -> dict[str, Any]:
         "sent_pps": sum(r[2] for r in results) / elapsed,
         "server_cpu": 100 * server_cpu / elapsed,
         "generator_cpu": 100 * sum(r[4] for r in results) / elapsed,
-        "allocations_per_worker_slice": spread if workers == 2 else [sum(spread)],
+        "allocations_per_worker_slice": spread[:2] if workers == 2 else [sum(spread[:2])],
+        # relay mode: pairs whose two allocations are in different workers' slices
+        "pairs_across_workers": spread[2] if workers == 2 else 0,
+        "throttled_s": throttled,  # time the quota held the server back (--cpu-per-worker)
     }
 
 
@@ -200,7 +283,17 @@ def main(argv: list[str] | None = None) -> int:
         help="relay: allocation pairs relaying to each other; peer: each allocation to a plain "
         "UDP socket (relay)",
     )
+    parser.add_argument(
+        "--cpu-per-worker",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="give each worker F of one core (a cgroup CPU quota; the server on the last CPU, "
+        "the generators on the others), for machines with too few cores (off)",
+    )
     args = parser.parse_args(argv)
+    if args.cpu_per_worker and not 0 < args.cpu_per_worker <= 1:
+        parser.error("--cpu-per-worker is a fraction of one core: 0-1")
     counts = [int(w) for w in args.workers.split(",")]
     runs: dict[int, list[dict[str, Any]]] = {w: [] for w in counts}
     for round_ in range(args.rounds):
@@ -209,15 +302,20 @@ def main(argv: list[str] | None = None) -> int:
             runs[workers].append(result)
             print(f"round {round_ + 1}: {json.dumps(result)}", file=sys.stderr)
     print(f"cpus usable: {len(os.sched_getaffinity(0))}; payload {args.size} B; "
-          f"{args.generators} generators x {args.pairs} pairs x window {args.window}")  # fmt: skip
-    print("| workers | delivered msg/s (median) | runs | server CPU % | generators CPU % |")
-    print("|---:|---:|---|---:|---:|")
+          f"{args.generators} generators x {args.pairs} pairs x window {args.window}; "
+          f"mode {args.mode}; CPU per worker {args.cpu_per_worker or 'not limited'}")  # fmt: skip
+    print(
+        "| workers | delivered msg/s (median) | runs | server CPU % | generators CPU % "
+        "| quota throttled s |"
+    )
+    print("|---:|---:|---|---:|---:|---:|")
     for workers, results in runs.items():
         median = statistics.median(r["delivered_pps"] for r in results)
         every = ", ".join(f"{r['delivered_pps']:,.0f}" for r in results)
         cpu = statistics.median(r["server_cpu"] for r in results)
         gen = statistics.median(r["generator_cpu"] for r in results)
-        print(f"| {workers} | {median:,.0f} | {every} | {cpu:.0f} | {gen:.0f} |")
+        held = statistics.median(r["throttled_s"] for r in results)
+        print(f"| {workers} | {median:,.0f} | {every} | {cpu:.0f} | {gen:.0f} | {held:.2f} |")
     return 0
 
 
