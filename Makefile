@@ -30,10 +30,14 @@ format: $(STAMP)
 	$(BIN)/ruff format src tests bench
 	$(BIN)/ruff check --fix src tests bench
 
+# TURN: one core side by side with coturn, expiry, control path, then 1 and 2 workers (as root,
+# add the --cpu-per-worker runs of bench/README.md where the machine has too few cores).
 bench: $(STAMP)
 	$(BIN)/python bench/turn_core.py
 	$(BIN)/python bench/turn_expiry.py
 	$(BIN)/python bench/turn_control.py
+	$(BIN)/python bench/turn_workers.py
+	$(BIN)/python bench/turn_workers.py --mode peer
 
 # Needs node and npm; installs PeerJS server into a temporary folder (bench/README.md).
 bench-signaling: $(STAMP)
