@@ -275,6 +275,9 @@ class AllocationTable:
         self.stats = stats if stats is not None else TurnStats()
         self.elsewhere = elsewhere  # with worker processes: the user quota holds across them
         self.by_tuple: dict[FiveTuple, Allocation] = {}
+        # UDP allocations by listener address, then client address: what a UDP listener looks
+        # up per datagram (udp_clients), without building and hashing the whole 5-tuple.
+        self._udp: dict[Address, dict[Address, Allocation]] = {}
         self.per_user: Counter[str] = Counter()
         # Relay to relay (docs/turn.md, "Relay to relay"): each relay's relayed address as
         # clients see it (advertised, True) and its bind address when that differs (False).
@@ -305,6 +308,9 @@ class AllocationTable:
 
     def add(self, allocation: Allocation) -> None:
         self.by_tuple[allocation.five_tuple] = allocation
+        transport, remote, local = allocation.five_tuple
+        if transport == "udp":
+            self._udp.setdefault(local, {})[remote] = allocation
         self.per_user[allocation.username] += 1
         if self.elsewhere is not None:
             self.elsewhere.add(allocation.username, 1)
@@ -313,6 +319,11 @@ class AllocationTable:
         allocation.inside = self.inside
         for address, advertised in _relay_addresses(allocation):
             self.inside[address] = (allocation, advertised)
+
+    def udp_clients(self, local: Address) -> Callable[[Address], Allocation | None]:
+        """Look up the allocation of a UDP client of the listener at `local` by the client's
+        address: the listener's per-datagram lookup (the mapping lives as long as the table)."""
+        return self._udp.setdefault(local, {}).get
 
     def local_relay(self, address: Address) -> Allocation | None:
         """The allocation of this process whose relay `address` is (its relayed address as
@@ -353,6 +364,9 @@ class AllocationTable:
     def remove(self, five_tuple: FiveTuple) -> Allocation | None:
         allocation = self.by_tuple.pop(five_tuple, None)
         if allocation is not None:
+            transport, remote, local = five_tuple
+            if transport == "udp":
+                self._udp[local].pop(remote, None)
             self._timers.cancel(allocation)
             for address, _ in _relay_addresses(allocation):
                 if self.inside.get(address, (None,))[0] is allocation:

@@ -44,7 +44,7 @@ COUNTERS = (
     "peer_sentb",
     "peer_send_drops",  # datagrams to peers the OS refused (full buffer, ICMP error)
     "peer_denied",  # datagrams from peers dropped: no permission, or the peer policy denies
-    "client_write_drops",  # messages to a TCP/TLS client dropped: its buffer is full
+    "client_write_drops",  # messages to a client dropped: its send buffer (or the OS's) is full
 )
 
 
