@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from p2pserver.config import Settings
@@ -256,12 +256,17 @@ _SIGNALING_PATH = re.compile(r"/ws/([^/]+)")
 
 
 class App(Starlette):
-    """Starlette, except that signaling WebSockets go straight to the hub.
+    """Starlette, except for the two requests every new peer makes.
 
-    Middleware and routing have nothing to do for them (CORS is HTTP only; the hub answers its
-    own faults), and each open socket would otherwise keep their frames alive for as long as
-    it stays connected: bench/README.md has the memory and join-rate figures.
+    Signaling WebSockets go straight to the hub: middleware and routing have nothing to do for
+    them (CORS is HTTP only; the hub answers its own faults), and each open socket would
+    otherwise keep their frames alive for as long as it stays connected. `POST /create-chat`
+    goes through a stack of its own (`create_stack`): the same metrics and CORS middleware and
+    the same error answers, without Starlette's exception middleware and router in between.
+    bench/README.md has the memory and peers-ready figures.
     """
+
+    create_stack: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
@@ -271,7 +276,34 @@ class App(Starlette):
                 scope["path_params"] = {"room_id": match[1]}
                 await self.state.hub.serve(WebSocket(scope, receive, send))
                 return
+        elif (
+            scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"] == "/create-chat"
+            and self.create_stack is not None
+        ):
+            scope["app"] = self
+            await self.create_stack(scope, receive, send)
+            return
         await super().__call__(scope, receive, send)
+
+
+def _create_stack(create_route: Route, metrics: Metrics, cors: dict[str, Any]) -> ASGIApp:
+    """POST /create-chat as the app's middleware and handlers would serve it (App)."""
+
+    async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+        scope["route"] = create_route  # what the router would say: the metrics' route label
+        request = Request(scope, receive)
+        try:
+            response = await create_chat(request)
+        except StoreUnavailable as exc:
+            response = await _unavailable(request, exc)
+        except Exception as exc:
+            log.exception("create-chat failed")
+            response = await _server_error(request, exc)
+        await response(scope, receive, send)
+
+    return HttpMetrics(CORSMiddleware(endpoint, **cors), metrics=metrics)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -364,8 +396,15 @@ def create_app(settings: Settings) -> Starlette:
             await store.close()
 
     metrics = Metrics(settings.metrics_allow)
+    create_route = Route("/create-chat", create_chat, methods=["POST"])
+    cors: dict[str, Any] = {
+        "allow_origins": list(settings.cors_origins),
+        "allow_methods": ["GET", "POST"],
+        "allow_headers": ["Content-Type"],
+        "allow_credentials": False,
+    }
     routes = [
-        Route("/create-chat", create_chat, methods=["POST"]),
+        create_route,  # served by App.create_stack; here for preflights, 405s and url_for
         Route("/check-chat/{room_id}", check_chat, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         # /ws/{room_id}: signaling, dispatched by App itself.
@@ -380,13 +419,7 @@ def create_app(settings: Settings) -> Starlette:
         routes=routes,
         middleware=[
             Middleware(HttpMetrics, metrics=metrics),
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(settings.cors_origins),
-                allow_methods=["GET", "POST"],
-                allow_headers=["Content-Type"],
-                allow_credentials=False,
-            ),
+            Middleware(CORSMiddleware, **cors),
         ],
         exception_handlers={
             HTTPException: _http_error,
@@ -395,6 +428,7 @@ def create_app(settings: Settings) -> Starlette:
         },
         lifespan=lifespan,
     )
+    app.create_stack = _create_stack(create_route, metrics, cors)
     app.state.settings = settings
     app.state.hub = hub
     app.state.turn = None
