@@ -5,11 +5,13 @@ The default back end of the store interface (store.py); redisstore.py is the oth
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
+import functools
+import queue
 import re
 import secrets
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -312,32 +314,57 @@ class _Writer:
 
     A write is one trip to that thread (BEGIN, the statements, COMMIT) where aiosqlite would
     take three, each waiting its turn on a busy event loop. One writing connection never waits
-    on another's lock; WAL lets it write while the main connection reads.
+    on another's lock; WAL lets it write while the main connection reads. A trip is a queue and
+    the loop's call_soon_threadsafe, as in aiosqlite: run_in_executor's concurrent Future (a
+    Condition and its locks, per call) cost more than the write on a busy loop.
     """
 
     def __init__(self, path: str, sync: str) -> None:
         self._path = path
         self._sync = sync
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, "p2pserver-rooms")
         self._conn: sqlite3.Connection | None = None
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None]
+        self._jobs = queue.SimpleQueue()
+        self._closing = False
+        self._thread = threading.Thread(target=self._serve, name="p2pserver-rooms", daemon=True)
+        self._thread.start()
 
     async def write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._write_many, sql, rows)
+        return int(await self._call(functools.partial(self._write_many, sql, rows)))
 
     async def pragma(self, name: str) -> Any:
         """A setting of the writer's connection (for tests and diagnostics)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._pragma, name)
+        return await self._call(functools.partial(self._pragma, name))
+
+    async def _call(self, job: Callable[[], Any]) -> Any:
+        if self._closing:  # nothing queued after the stop would ever run
+            raise RuntimeError("room store closed")
+        future = asyncio.get_running_loop().create_future()
+        self._jobs.put((job, future))
+        return await future
+
+    def _serve(self) -> None:
+        """The writer's thread: run each job, hand its outcome to the future's loop."""
+        while (item := self._jobs.get()) is not None:
+            job, future = item
+            try:
+                result = job()
+            except BaseException as exc:
+                future.get_loop().call_soon_threadsafe(_fail, future, exc)
+            else:
+                future.get_loop().call_soon_threadsafe(_succeed, future, result)
+        self._close()
 
     def _pragma(self, name: str) -> Any:
         assert self._conn is not None and name.isidentifier()
         return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
 
     async def close(self) -> None:
-        with contextlib.suppress(RuntimeError):  # closed already
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._close)
-        self._executor.shutdown(wait=False)
+        """Close the connection once the writes queued before are done."""
+        if not self._closing:
+            self._closing = True
+            self._jobs.put(None)
+            await asyncio.to_thread(self._thread.join)
 
     def _write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
         if self._conn is None:
@@ -358,6 +385,16 @@ class _Writer:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _succeed(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():  # its awaiter went away (cancelled)
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
 
 
 def _settle(waiter: asyncio.Future[None], error: BaseException | None) -> None:
