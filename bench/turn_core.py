@@ -94,6 +94,10 @@ def coturn_command(turnserver: str, port: int, directory: Path) -> list[str]:
                 "allow-loopback-peers",  # coturn 4.6 refuses 127.0.0.0/8 peers without it
                 "allowed-peer-ip=127.0.0.1",
                 "no-cli",
+                # One relay thread, as for one core: with more, the two allocations of relay to
+                # relay land on one thread or on two at random, and coturn relays about 200k or
+                # about 100k pkt/s from run to run (bench/README.md).
+                "relay-threads=1",
                 "no-tls",
                 "no-dtls",
                 "no-stdout-log",
