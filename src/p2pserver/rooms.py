@@ -332,10 +332,6 @@ class _Writer:
     async def write_many(self, sql: str, rows: list[tuple[Any, ...]]) -> int:
         return int(await self._call(functools.partial(self._write_many, sql, rows)))
 
-    async def pragma(self, name: str) -> Any:
-        """A setting of the writer's connection (for tests and diagnostics)."""
-        return await self._call(functools.partial(self._pragma, name))
-
     async def _call(self, job: Callable[[], Any]) -> Any:
         if self._closing:  # nothing queued after the stop would ever run
             raise RuntimeError("room store closed")
@@ -354,10 +350,6 @@ class _Writer:
             else:
                 future.get_loop().call_soon_threadsafe(_succeed, future, result)
         self._close()
-
-    def _pragma(self, name: str) -> Any:
-        assert self._conn is not None and name.isidentifier()
-        return self._conn.execute(f"PRAGMA {name}").fetchone()[0]
 
     async def close(self) -> None:
         """Close the connection once the writes queued before are done."""

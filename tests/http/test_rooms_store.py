@@ -319,8 +319,10 @@ async def test_db_sync_sets_both_connections(tmp_path: Path, sync: str, level: i
     try:
         await store.create(with_pin=False, max_peers=2, now=1000.0)  # opens the writer's
         assert await store._fetchone("PRAGMA synchronous", ()) == (level,)
-        assert store._writer is not None
-        assert await store._writer.pragma("synchronous") == level
+        writer = store._writer
+        assert writer is not None and writer._conn is not None
+        conn = writer._conn
+        assert await writer._call(lambda: conn.execute("PRAGMA synchronous").fetchone()) == (level,)
     finally:
         await store.close()
     with pytest.raises(ValueError, match="synchronous"):
