@@ -37,7 +37,7 @@ from aioice.stun import Class, Method
 
 from p2pserver.config import Settings
 from p2pserver.turn import stun as p2pstun
-from p2pserver.turn.allocation import Allocation
+from p2pserver.turn.allocation import Allocation, AllocationTable
 from p2pserver.turn.datapath import channel_data, data_indication, parse_send
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
@@ -131,6 +131,8 @@ def micro_cases(size: int) -> Iterator[tuple[str, Callable[[], object]]]:
     yield "Allocation.from_client_channel", lambda: allocation.from_client_channel(frame)
     yield "Allocation.from_peer (channel)", lambda: allocation.from_peer(payload, peer)
     yield "Allocation.from_peer (Data indication)", lambda: allocation.from_peer(payload, other)
+    sender, receiver = relay_pair()
+    yield "from_client_channel, relay to relay inside", lambda: sender.from_client_channel(frame)
     yield "aioice parse_message(Send indication)", lambda: aiostun.parse_message(send)
     yield "aioice bytes(Message) (Send indication)", lambda: bytes(message)
     yield "p2pserver stun.decode(Send indication)", lambda: p2pstun.decode(send)
@@ -139,7 +141,35 @@ def micro_cases(size: int) -> Iterator[tuple[str, Callable[[], object]]]:
         client = Client("udp", (LOCALHOST, 40000), (LOCALHOST, 3478), lambda data: None)
         binding = bytes(Message(Method.BINDING, Class.REQUEST))
         yield "TurnCore.handle(Binding request)", lambda: core.handle(binding, client, now)
-    assert relay.sent and delivered[0]
+    assert relay.sent and delivered[0] and receiver.peer_rcvp  # each path really ran
+
+
+def relay_pair() -> tuple[Allocation, Allocation]:
+    """Two allocations of one process with a channel 0x4000 to each other's relayed address:
+    the relay-to-relay hand-over (docs/turn.md), the clients' sends no-ops."""
+    policy = PeerPolicy(allow=(ipaddress.ip_network("127.0.0.0/8"),))
+    table = AllocationTable(user_quota=0, max_allocations=10)
+    pair = []
+    for port in (50000, 50001):
+        relay = CountingRelay()
+        relay.address = (LOCALHOST, port)  # type: ignore[misc]
+        allocation = Allocation(
+            five_tuple=("udp", (LOCALHOST, port - 10000), (LOCALHOST, 3478)),
+            username=USER,
+            key=b"k" * 16,
+            relays={1: relay},
+            relayed_addresses={1: relay.address},
+            expires=time.time() + 600,
+            send_to_client=lambda data: None,
+            permits=policy.permits,
+        )
+        table.add(allocation)
+        pair.append(allocation)
+    sender, receiver = pair
+    now = time.time()
+    assert sender.bind_channel(CHANNEL, receiver.relayed_address, now) is None
+    assert receiver.bind_channel(CHANNEL, sender.relayed_address, now) is None
+    return sender, receiver
 
 
 class _NoRelays:
