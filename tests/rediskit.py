@@ -13,16 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from netkit import free_port
 from realtools import need_program
 
 START_TIMEOUT = 10.0
 ATTEMPTS = 5
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _answers(port: int) -> bool:
@@ -52,7 +47,7 @@ class RedisServer:
     def start(self) -> None:
         """Start on a fresh port, or on the same one again after stop() (a restart)."""
         for _ in range(ATTEMPTS):
-            port = self.port or _free_port()
+            port = self.port or free_port()
             if self._launch(port):
                 self.port = port
                 return

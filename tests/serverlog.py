@@ -21,11 +21,14 @@ import httpx
 TIMEOUT = 20.0  # generous: the CI machine is small and noisy
 
 
-async def wait_until(predicate: Callable[[], Any], timeout: float = TIMEOUT) -> None:
+async def wait_until(
+    predicate: Callable[[], Any], timeout: float = TIMEOUT, what: str = "the condition"
+) -> None:
+    """Poll `predicate` (a function or a coroutine function) until it is true."""
     deadline = time.monotonic() + timeout
     while not await _call(predicate):
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.05)
 
 

@@ -22,17 +22,10 @@ from turnkit import PASSWORD, USER
 from p2pserver.turn import server as server_module
 from p2pserver.turn.allocation import Allocation
 from p2pserver.turn.server import TurnServer
+from serverlog import wait_until
 
 TIMEOUT = 20.0
 FAULT_LINE = re.compile(r"\((\d+) in the last \d+ s\)")
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def still_serves(server: TurnServer) -> None:
@@ -77,7 +70,7 @@ async def test_fault_in_the_core_is_traced_once_then_counted(
     for _ in range(5):
         # A Refresh request (a plain Binding is answered before TurnCore.handle, by hand).
         client.send_raw(b"\x00\x04\x00\x00\x21\x12\xa4\x42" + bytes(12))
-    await wait_until(lambda: server.stats()["faults"] == 5, "five faults")
+    await wait_until(lambda: server.stats()["faults"] == 5, what="five faults")
     records = fault_records(caplog)
     assert len(records) == 1, records  # the first in full, the next four held back
     assert records[0].exc_info
@@ -102,9 +95,9 @@ async def one_relayed_datagram(server: TurnServer) -> None:
             Class.RESPONSE
         )
         peer.sendto(b"to the client", relayed)
-        await wait_until(lambda: server.core.stats.faults > 0, "the relay fault")
+        await wait_until(lambda: server.core.stats.faults > 0, what="the relay fault")
         peer.sendto(b"and again", relayed)
-        await wait_until(lambda: server.core.stats.faults > 1, "a second relay fault")
+        await wait_until(lambda: server.core.stats.faults > 1, what="a second relay fault")
 
 
 async def one_tcp_connection(server: TurnServer) -> None:
@@ -117,7 +110,7 @@ async def one_tcp_allocation_closed(server: TurnServer) -> None:
     await client.login(USER, PASSWORD)
     assert (await client.allocate()).message_class == Class.RESPONSE
     client.close()
-    await wait_until(lambda: server.core.stats.faults > 0, "the fault on close")
+    await wait_until(lambda: server.core.stats.faults > 0, what="the fault on close")
 
 
 async def one_timer(server: TurnServer) -> None:
@@ -127,7 +120,7 @@ async def one_timer(server: TurnServer) -> None:
     client = await StunClient.connect(("127.0.0.1", server.port), "udp")
     await client.login(USER, PASSWORD)
     assert (await client.allocate()).message_class == Class.RESPONSE
-    await wait_until(lambda: server.core.stats.faults > 0, "the timer to fail")
+    await wait_until(lambda: server.core.stats.faults > 0, what="the timer to fail")
 
 
 def break_attribute(target: object, name: str) -> Callable[[pytest.MonkeyPatch], None]:

@@ -30,6 +30,7 @@ from processkit import ServerProcess
 from p2pserver.credentials import rest_password
 from p2pserver.turn.server import TurnServer
 from realtools import need_program
+from serverlog import wait_until
 from tlskit import self_signed
 
 pytestmark = pytest.mark.slow
@@ -46,14 +47,6 @@ UCLIENT_TIMEOUT = 120.0
 
 # Odd sizes make TCP pad ChannelData (RFC 8656 §12.5) in both directions.
 PAYLOAD_SIZES = (1, 2, 3, 5, 7, 100, 333, 1199, 1200)
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def payload(size: int, seed: int) -> bytes:
@@ -134,7 +127,7 @@ async def test_aioice_relays_both_ways(
         peer_transport.close()
     # aioice deletes the allocation (Refresh LIFETIME 0, or the TCP connection closing).
     await asyncio.wait_for(client.closed.wait(), TIMEOUT)
-    await wait_until(lambda: open_server.stats()["allocations"] == 0, "the allocation to go")
+    await wait_until(lambda: open_server.stats()["allocations"] == 0, what="the allocation to go")
 
 
 @pytest.mark.parametrize(
@@ -226,11 +219,11 @@ async def test_aiortc_data_channel_over_relay(
 
     # aiortc does not trickle: the description is complete once gathering is.
     await a.setLocalDescription(await a.createOffer())
-    await wait_until(lambda: a.iceGatheringState == "complete", "offerer gathering")
+    await wait_until(lambda: a.iceGatheringState == "complete", what="offerer gathering")
     offer = a.localDescription
     await b.setRemoteDescription(offer)
     await b.setLocalDescription(await b.createAnswer())
-    await wait_until(lambda: b.iceGatheringState == "complete", "answerer gathering")
+    await wait_until(lambda: b.iceGatheringState == "complete", what="answerer gathering")
     answer = b.localDescription
     await a.setRemoteDescription(answer)
 
@@ -242,13 +235,13 @@ async def test_aiortc_data_channel_over_relay(
 
     await wait_until(
         lambda: a.connectionState == "connected" and b.connectionState == "connected",
-        "both peer connections to connect",
+        what="both peer connections to connect",
     )
     await wait_until(
         lambda: (
             channel_a.readyState == "open" and bool(channel_b) and channel_b[0].readyState == "open"
         ),
-        "the data channel to open",
+        what="the data channel to open",
     )
     assert open_server.stats()["allocations"] >= 2
     for pc in (a, b):
@@ -265,7 +258,7 @@ async def test_aiortc_data_channel_over_relay(
         channel_b[0].send(message)
     await wait_until(
         lambda: len(received_b) >= len(to_b) and len(received_a) >= len(to_a),
-        "messages both ways",
+        what="messages both ways",
     )
     assert received_b == to_b
     assert received_a == to_a
@@ -276,7 +269,7 @@ async def test_aiortc_data_channel_over_relay(
     # Closing deletes both allocations (Refresh LIFETIME 0 over UDP, the connection over TCP).
     for pc in (a, b):
         await asyncio.wait_for(pc.close(), TIMEOUT)
-    await wait_until(lambda: open_server.stats()["allocations"] == 0, "the allocations to go")
+    await wait_until(lambda: open_server.stats()["allocations"] == 0, what="the allocations to go")
 
 
 # --- 3. coturn's turnutils_uclient against `p2pserver` as a process ---------------------------

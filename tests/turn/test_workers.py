@@ -12,9 +12,8 @@ import json
 import os
 import re
 import signal
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from stunclient import StunClient
 
 from netns import need_netns, run_in_netns
 from p2pserver.turn.workers import shares, slices
+from serverlog import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -43,13 +43,6 @@ WORKER_LINE = re.compile(r"TURN worker (\d+) \(pid (\d+)\) serving")
 
 def worker_of(port: int) -> int:
     return next(i for i, (low, high) in enumerate(SLICES) if low <= port <= high)
-
-
-async def wait_until(predicate: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 def worker_pids(server: ServerProcess) -> dict[int, int]:
@@ -77,7 +70,7 @@ async def servers() -> AsyncIterator[list[ServerProcess]]:
 async def start(servers: list[ServerProcess], *extra: str) -> ServerProcess:
     server = await ServerProcess.start(*BASE_ARGS, *extra)
     servers.append(server)
-    await wait_until(lambda: len(worker_pids(server)) == 2, "both workers to say they serve")
+    await wait_until(lambda: len(worker_pids(server)) == 2, what="both workers to say they serve")
     return server
 
 
@@ -169,7 +162,7 @@ async def test_a_killed_worker_is_restarted_and_the_others_keep_relaying(
             if n == 20:
                 os.kill(old[0], signal.SIGKILL)
             await round_trip(survivor, survivor_relayed, peer, transport, n)
-        await wait_until(lambda: "TURN worker 0 restarted" in server.text(), "the restart")
+        await wait_until(lambda: "TURN worker 0 restarted" in server.text(), what="the restart")
         new = worker_pids(server)
         assert new[0] != old[0] and new[1] == old[1], (old, new)
         assert f"TURN worker 0 (pid {old[0]}) was killed by SIGKILL" in server.text()
@@ -197,7 +190,7 @@ async def test_sigkill_of_the_main_process_leaves_no_worker(servers: list[Server
     assert len(pids) == 2 and all(not gone(pid) for pid in pids.values())
     server.process.kill()
     await server.process.wait()
-    await wait_until(lambda: all(gone(pid) for pid in pids.values()), "the workers to end")
+    await wait_until(lambda: all(gone(pid) for pid in pids.values()), what="the workers to end")
 
 
 async def test_sigterm_stops_every_worker(servers: list[ServerProcess]) -> None:
@@ -270,7 +263,7 @@ async def test_healthz_sums_over_workers_and_shows_each(
         *("--ready-file", str(ready)),
     )
     servers.append(server)
-    await wait_until(ready.exists, "the ready file")
+    await wait_until(ready.exists, what="the ready file")
     url = f"http://{LOCALHOST}:{json.loads(ready.read_text())['http']}/healthz"
     clients = await on_each_worker(server.port)
     try:
@@ -298,7 +291,7 @@ async def test_healthz_sums_over_workers_and_shows_each(
 
         created = turn["stats"]["allocations_created"]
         os.kill(pids[1], signal.SIGKILL)
-        await wait_until(lambda: "TURN worker 1 restarted" in server.text(), "the restart")
+        await wait_until(lambda: "TURN worker 1 restarted" in server.text(), what="the restart")
         status, body = await asyncio.to_thread(get_json, url)
         turn = body["turn"]
         assert [(w["alive"], w["restarts"]) for w in turn["workers"]] == [(True, 0), (True, 1)]
