@@ -238,9 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     turn.add_argument(
         "--turn-workers",
         type=int,
-        default=_cpus(),
+        default=None,
         help="STUN/TURN worker processes; 1 serves in the main process "
-        "(default: the CPUs this process may use)",
+        "(default: the CPUs this process may use, at most one per relay port)",
     )
     turn.add_argument(
         "--no-self-test",
@@ -309,6 +309,8 @@ def parse_settings(
     if not values["http"] and not values["turn"]:
         parser.error("--no-http and --no-turn together leave nothing to serve")
     low, high = values["relay_ports"]
+    if values["turn_workers"] is None:  # each worker needs a relay port of its own at least
+        values["turn_workers"] = min(_cpus(), high - low + 1)
     if not 1 <= values["turn_workers"] <= high - low + 1:
         # Each worker owns a slice of the relay range (docs/turn.md, "Workers").
         parser.error(

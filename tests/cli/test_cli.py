@@ -206,6 +206,15 @@ def test_redis_flag_and_environment_variable() -> None:
     assert parse_settings([], {"P2P_REDIS": "redis://e:6379/2"}).redis == "redis://e:6379/2"
 
 
+def test_default_turn_workers_fit_a_small_relay_range() -> None:
+    # The default is one worker per CPU, but never more workers than relay ports: a tiny range
+    # (docker-compose.yml has 41 ports) must not stop a many-core host from starting.
+    assert parse_settings(["--relay-ports", "50000-50000"], {}).turn_workers == 1
+    assert parse_settings(["--relay-ports", "50000-50003"], {}).turn_workers == min(
+        4, len(os.sched_getaffinity(0))
+    )
+
+
 def test_db_sync_flag() -> None:
     assert parse_settings([], {}).db_sync == "normal"
     assert parse_settings(["--db-sync", "full"], {}).db_sync == "full"
