@@ -95,7 +95,9 @@ async def ice_servers(base: str, room: str | None, pin: str | None, timeout: flo
     except (OSError, TimeoutError, websockets.WebSocketException) as exc:
         raise CheckError(f"signaling at {ws_url.split('/ws/')[0]}/ws/… failed: {exc}") from None
     if reply.get("type") != "welcome":
-        raise CheckError(f"the room refused the join: {reply.get('error') or reply}")
+        # The server's refusal (docs/api.md, errors): {"type": "error", "code", "message"}.
+        refusal = reply.get("message") or reply.get("code") or reply
+        raise CheckError(f"the room refused the join: {refusal}")
     return list(reply.get("iceServers") or [])
 
 

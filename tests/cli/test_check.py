@@ -20,9 +20,9 @@ from tlskit import self_signed
 HERE = Path(__file__).parent
 
 
-def run_check(url: str) -> tuple[int, str]:
+def run_check(url: str, *extra: str) -> tuple[int, str]:
     result = subprocess.run(
-        [sys.executable, "-m", "p2pserver", "check", url, "--timeout", "3"],
+        [sys.executable, "-m", "p2pserver", "check", url, "--timeout", "3", *extra],
         capture_output=True,
         text=True,
         timeout=120,
@@ -63,8 +63,10 @@ async def test_check_passes_against_a_healthy_server_on_every_transport(tmp_path
     try:
         status, output = run_check(base)
         report = self_test_report(base)
+        refused = run_check(base, "--room", "NoSuchRoomNoSuchRoom00")
     finally:
         assert server.stop() == 0
+    assert refused[0] == 2 and "refused the join: no such room" in refused[1], refused
     assert status == 0, output
     lines = output.splitlines()
     assert lines[0].startswith("stun ") and " ok " in lines[0], output
