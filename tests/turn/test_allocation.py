@@ -199,6 +199,24 @@ def test_additional_address_family_is_answered_per_family() -> None:
     assert answer.attributes["ADDRESS-ERROR-CODE"][:4] == bytes((2, 0, 4, 40))
 
 
+def test_an_additional_family_without_a_relay_still_grants_the_first() -> None:
+    class NoIPv6(RecordingRelays):
+        families = frozenset({1, 2})
+
+        def open(self, family: int, **options: Any) -> tuple[RecordingRelay, bytes | None]:
+            if family == 2:
+                raise NoCapacity("cannot bind a relay on 2001:db8::1")
+            return super().open(family, **options)
+
+    h = Harness()
+    h.relays = NoIPv6()
+    h.core.relays = h.relays
+    answer = h.allocate(**{"ADDITIONAL-ADDRESS-FAMILY": 2})
+    assert answer.message_class == Class.RESPONSE  # RFC 8656 §7.2: IPv4 granted
+    assert answer.attributes["ADDRESS-ERROR-CODE"][:4] == bytes((2, 0, 5, 8))
+    assert len(h.relays.opened) == 1
+
+
 def test_quotas_486_per_user_and_508_when_full() -> None:
     h = Harness(user_quota=1, max_allocations=2)
     assert h.allocate().message_class == Class.RESPONSE

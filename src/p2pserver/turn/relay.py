@@ -168,8 +168,10 @@ class RelayPorts:
         except OSError as exc:
             sock.close()
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return None
-            raise
+                return None  # this port only: try another
+            # No port will do (say, a --relay-ip this host does not have): the Allocate gets
+            # 508, or ADDRESS-ERROR-CODE for an additional family (RFC 8656 §7.2).
+            raise NoCapacity(f"cannot bind a relay on {self.bind_ips[family]}: {exc}") from exc
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
@@ -253,13 +255,14 @@ def _set_dont_fragment(sock: socket.socket) -> None:
 class SharedRelayPorts(RelayPorts):
     """RelayPorts for one of several TURN workers: EVEN-PORT reservations any worker can take.
 
-    A client's Allocate with a RESERVATION-TOKEN comes from a new 5-tuple, which the kernel may
-    steer to another worker than the one that reserved the port (docs/turn.md, "Workers"). So
-    the token carries the port itself, signed with a key all workers share: port (2 bytes),
-    family bit and issue time in seconds mod 2^15 (2 bytes), HMAC (4 bytes). The reserving
-    worker does not hold the port bound (another process could not take it over); it only stops
-    picking it from its own slice until the reservation ends, and no other worker picks from
-    that slice. Whichever worker gets the token binds the port; a second use finds it taken (508).
+        A client's Allocate with a RESERVATION-TOKEN comes from a new 5-tuple, which the kernel may
+        steer to another worker than the one that reserved the port (docs/turn.md, "Workers"). So
+        the token carries the port itself, signed with a key all workers share: port (2 bytes),
+        family bit and issue time in seconds mod 2^15 (2 bytes), HMAC (4 bytes). The reserving
+        worker does not hold the port bound (another process could not take it over); it only stops
+        picking it from its own slice until the reservation ends, and no other worker picks from
+        that slice. Whichever worker gets the token binds the port and will not take it again; a second
+    use elsewhere finds the port taken (508) while the first allocation holds it.
     """
 
     def __init__(
@@ -277,6 +280,7 @@ class SharedRelayPorts(RelayPorts):
         self.token_key = token_key
         self.whole_range = whole_range  # a token may name a port of any worker's slice
         self.held: dict[int, float] = {}  # reserved ports of this slice -> end of reservation
+        self.taken: dict[bytes, float] = {}  # tokens used here -> when they would have expired
 
     def _mac(self, head: bytes, issued: int) -> bytes:
         # The MAC covers the whole issue time, not just the 15 bits the token carries, so a
@@ -326,13 +330,21 @@ class SharedRelayPorts(RelayPorts):
         low, high = self.whole_range
         if age > RESERVATION_LIFETIME or not low <= port <= high or family not in self.bind_ips:
             return None
+        if token in self.taken:  # good once, also once its first relay has closed again
+            return None
         self.held.pop(port, None)
         sock = self._bind(family, port)
-        return self._relay(sock) if sock is not None else None
+        if sock is None:
+            return None
+        self.taken[token] = self.clock() + RESERVATION_LIFETIME
+        return self._relay(sock)
 
     def next_deadline(self) -> float | None:
-        return min(self.held.values(), default=None)  # a handful at most: one per EVEN-PORT
+        # A handful at most: one per EVEN-PORT reservation, held or taken.
+        return min((*self.held.values(), *self.taken.values()), default=None)
 
     def expire(self, now: float) -> None:
         for port in [p for p, end in self.held.items() if end <= now]:
             del self.held[port]
+        for token in [t for t, end in self.taken.items() if end <= now]:
+            del self.taken[token]
