@@ -8,17 +8,15 @@ import os
 import socket
 import struct
 
-from p2pserver.turn.stun import KNOWN_TYPES
+from p2pserver.turn.stun import COOKIE, KNOWN_TYPES, pack_xor_address
+from p2pserver.turn.stun import COOKIE_BYTES as _COOKIE_BYTES
 
-COOKIE = 0x2112A442
-_COOKIE_BYTES = struct.pack("!I", COOKIE)
 _SEND_INDICATION = 0x0016
 _DATA_INDICATION = b"\x00\x17"
 _XOR_PEER_ADDRESS = 0x0012
 _DATA = 0x0013
 _FINGERPRINT = 0x8028
 _HDR = struct.Struct("!HH")
-_XOR_V4 = struct.Struct("!HHBBH4s")  # type, length, reserved, family, x-port, x-address
 
 
 # The first bytes of ChannelData: channels 0x4000-0x7FFF (is_channel). A range, so the UDP hot
@@ -49,15 +47,8 @@ def channel_data(channel: int, payload: bytes, pad: bool) -> bytes:
 def data_indication(peer: tuple[str, int], payload: bytes) -> bytes:
     """A Data indication carrying a datagram from `peer` (RFC 8656 §11.6)."""
     txid = os.urandom(12)
-    ip, port = peer[0], peer[1]
-    if ":" in ip:
-        packed = socket.inet_pton(socket.AF_INET6, ip)
-        mask = _COOKIE_BYTES + txid
-        xaddr = (int.from_bytes(packed) ^ int.from_bytes(mask)).to_bytes(16)
-        peer_attr = struct.pack("!HHBBH", _XOR_PEER_ADDRESS, 20, 0, 2, port ^ 0x2112) + xaddr
-    else:
-        xip = int.from_bytes(socket.inet_aton(ip)) ^ COOKIE
-        peer_attr = _XOR_V4.pack(_XOR_PEER_ADDRESS, 8, 0, 1, port ^ 0x2112, xip.to_bytes(4))
+    xaddr = pack_xor_address(peer, txid)
+    peer_attr = _HDR.pack(_XOR_PEER_ADDRESS, len(xaddr)) + xaddr
     size = len(payload)
     pad = -size & 3
     body_len = len(peer_attr) + 4 + size + pad
