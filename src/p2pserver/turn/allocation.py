@@ -341,17 +341,18 @@ class AllocationTable:
     def next_deadline(self) -> float | None:
         return self._timers.next_deadline()
 
-    def handle_timers(self, now: float, budget: int) -> tuple[list[Allocation], bool]:
+    def handle_timers(self, now: float, budget: int) -> list[Allocation]:
         """Expire what is due at `now`: whole allocations (removed and returned), and the
         permissions and channels of the others. Stops after about `budget` units of work (an
         allocation looked at or an item expired is 1, removing an allocation with its sockets
-        16), so one call never stalls the event loop long; returns (removed, work left)."""
+        16), so one call never stalls the event loop long; returns the removed allocations (work
+        left over shows as a deadline already due)."""
         removed: list[Allocation] = []
         work = 0
         while work < budget:
             allocation = self._timers.pop_due(now)
             if allocation is None:
-                return removed, False
+                return removed
             work += 1
             if allocation.expires <= now:
                 self.remove(allocation.five_tuple)
@@ -360,7 +361,7 @@ class AllocationTable:
             else:
                 work += allocation.expire_due(now)
                 self.reschedule(allocation)
-        return removed, True
+        return removed
 
     def remove(self, five_tuple: FiveTuple) -> Allocation | None:
         allocation = self.by_tuple.pop(five_tuple, None)

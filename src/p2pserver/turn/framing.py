@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from p2pserver.turn.datapath import is_channel
+from p2pserver.turn.datapath import CHANNEL_FIRST_BYTES
 
 _COOKIE = b"\x21\x12\xa4\x42"
 _U16 = struct.Struct("!H")
@@ -38,7 +38,7 @@ class StreamFramer:
         while end - pos >= 4:
             first = buf[pos]
             length = _U16.unpack_from(buf, pos + 2)[0]
-            if is_channel(first):
+            if first in CHANNEL_FIRST_BYTES:
                 if not self.channels_allowed:
                     raise FramingError("ChannelData before any allocation")
                 size = 4 + length + (-length & 3)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -113,16 +112,13 @@ class TurnCore:
         return reply
 
     def handle(
-        self, data: bytes, client: Client, now: float | None = None, wall: float | None = None
+        self, data: bytes, client: Client, now: float, wall: float | None = None
     ) -> bytes | None:
         """Answer one STUN message (not ChannelData); None means send nothing.
 
         `now` is the monotonic clock, `wall` the Unix time; a caller that drives a single clock
         (unit tests) may give `now` alone, and it serves as both."""
-        if now is None:
-            now = time.monotonic()
-            wall = time.time() if wall is None else wall
-        elif wall is None:
+        if wall is None:
             wall = now
         if data[:2] == _SEND_INDICATION:
             self.send_indication(data, client)
@@ -432,7 +428,7 @@ class TurnCore:
         """Expire what is due at `now` (monotonic): allocations, permissions, channels, cached
         responses, EVEN-PORT reservations. The work is what expires, not what lives, and at most
         about `budget` units per call; what is left waits for the next call."""
-        removed, _ = self.table.handle_timers(now, budget)
+        removed = self.table.handle_timers(now, budget)
         for allocation in removed:
             log.info("allocation %s expired", _show(allocation.relayed_address))
         self.responses.expire(now, limit=budget // 2)  # about as costly per entry as a unit

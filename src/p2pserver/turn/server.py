@@ -24,7 +24,7 @@ from p2pserver.config import Settings, StartupError
 from p2pserver.selftest import SelfTest
 from p2pserver.turn.allocation import Address, Allocation, FiveTuple, UserCounts, family_of
 from p2pserver.turn.auth import Nonces
-from p2pserver.turn.datapath import CHANNEL_FIRST_BYTES, is_channel
+from p2pserver.turn.datapath import CHANNEL_FIRST_BYTES
 from p2pserver.turn.framing import FramingError, StreamFramer
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
@@ -101,12 +101,10 @@ class UdpListener(asyncio.DatagramProtocol):
     def __init__(self, server: TurnServer) -> None:
         self.server = server
         self.allocation: Callable[[Address], Allocation | None] = lambda addr: None
-        self.transport: asyncio.DatagramTransport | None = None
         self.sock: socket.socket | None = None
         self.local: Address = ("0.0.0.0", 0)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
         self.local = transport.get_extra_info("sockname")[:2]
         self.allocation = self.server.core.table.udp_clients(self.local)  # by client address
         listening = transport.get_extra_info("socket")
@@ -227,7 +225,7 @@ class StreamConnection(asyncio.Protocol):
             self.transport.close()
             return
         for frame in frames:
-            if is_channel(frame[0]):
+            if frame[0] in CHANNEL_FIRST_BYTES:
                 allocation = self.allocations.get(self.five_tuple)
                 if allocation is not None:
                     allocation.from_client_channel(frame)
@@ -350,7 +348,8 @@ class TurnServer:
         except Exception:
             self.fault("core", f"internal error handling a {client.transport} message")
             return None
-        self.arm_timers()  # the message may have brought a deadline forward
+        if reply is not None:  # only a request (answered) can bring a deadline forward
+            self.arm_timers()
         return reply
 
     def arm_timers(self) -> None:
