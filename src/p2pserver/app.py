@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -288,22 +288,30 @@ class App(Starlette):
         await super().__call__(scope, receive, send)
 
 
-def _create_stack(create_route: Route, metrics: Metrics, cors: dict[str, Any]) -> ASGIApp:
-    """POST /create-chat as the app's middleware and handlers would serve it (App)."""
+def _create_stack(
+    create_route: Route,
+    middleware: list[Middleware],
+    handlers: Mapping[type[Exception], Callable[[Request, Exception], Awaitable[Response]]],
+) -> ASGIApp:
+    """POST /create-chat through the app's own middleware list and exception handlers, without
+    the router and Starlette's exception middleware (App)."""
 
     async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         scope["route"] = create_route  # what the router would say: the metrics' route label
         request = Request(scope, receive)
         try:
             response = await create_chat(request)
-        except StoreUnavailable as exc:
-            response = await _unavailable(request, exc)
         except Exception as exc:
-            log.exception("create-chat failed")
-            response = await _server_error(request, exc)
+            kind = next(k for k in type(exc).__mro__ if k in handlers)  # Exception at least
+            if kind is Exception:
+                log.exception("create-chat failed")
+            response = await handlers[kind](request, exc)
         await response(scope, receive, send)
 
-    return HttpMetrics(CORSMiddleware(endpoint, **cors), metrics=metrics)
+    stack: ASGIApp = endpoint
+    for cls, args, kwargs in reversed(middleware):
+        stack = cls(stack, *args, **kwargs)
+    return stack
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -397,11 +405,20 @@ def create_app(settings: Settings) -> Starlette:
 
     metrics = Metrics(settings.metrics_allow)
     create_route = Route("/create-chat", create_chat, methods=["POST"])
-    cors: dict[str, Any] = {
-        "allow_origins": list(settings.cors_origins),
-        "allow_methods": ["GET", "POST"],
-        "allow_headers": ["Content-Type"],
-        "allow_credentials": False,
+    middleware = [
+        Middleware(HttpMetrics, metrics=metrics),
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Content-Type"],
+            allow_credentials=False,
+        ),
+    ]
+    handlers: dict[Any, Any] = {
+        HTTPException: _http_error,
+        StoreUnavailable: _unavailable,
+        Exception: _server_error,
     }
     routes = [
         create_route,  # served by App.create_stack; here for preflights, 405s and url_for
@@ -417,18 +434,11 @@ def create_app(settings: Settings) -> Starlette:
     ]
     app = App(
         routes=routes,
-        middleware=[
-            Middleware(HttpMetrics, metrics=metrics),
-            Middleware(CORSMiddleware, **cors),
-        ],
-        exception_handlers={
-            HTTPException: _http_error,
-            StoreUnavailable: _unavailable,
-            Exception: _server_error,
-        },
+        middleware=middleware,
+        exception_handlers=handlers,
         lifespan=lifespan,
     )
-    app.create_stack = _create_stack(create_route, metrics, cors)
+    app.create_stack = _create_stack(create_route, middleware, handlers)
     app.state.settings = settings
     app.state.hub = hub
     app.state.turn = None
