@@ -329,6 +329,24 @@ async def test_db_sync_sets_both_connections(tmp_path: Path, sync: str, level: i
         await RoomStore.open(str(tmp_path / "b.db"), ttl=100, sync="off")
 
 
+async def test_an_in_memory_store_writes_through_its_one_connection() -> None:
+    # ":memory:" is a database per connection: no writer of its own, the writes go through
+    # RoomStore._write_many's transaction on the main connection.
+    store = await RoomStore.open(":memory:", ttl=100)
+    try:
+        assert store._writer is None
+        kept, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
+        gone, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
+        await store.touch([kept], 1090.0)
+        assert await store.sweep(1150.0) == 1
+        assert await store.get(gone, 1150.0) is None
+        room = await store.get(kept, 1150.0)
+        assert room is not None and room.last_active == 1090.0
+        assert await store.turn_secret() == await store.turn_secret()
+    finally:
+        await store.close()
+
+
 async def test_a_file_is_written_through_one_connection_only(tmp_path: Path) -> None:
     # Two writing connections wait on each other's locks (busy_timeout sleeps): every write
     # goes through the writer's connection, the main one only reads.
