@@ -255,14 +255,14 @@ def _set_dont_fragment(sock: socket.socket) -> None:
 class SharedRelayPorts(RelayPorts):
     """RelayPorts for one of several TURN workers: EVEN-PORT reservations any worker can take.
 
-        A client's Allocate with a RESERVATION-TOKEN comes from a new 5-tuple, which the kernel may
-        steer to another worker than the one that reserved the port (docs/turn.md, "Workers"). So
-        the token carries the port itself, signed with a key all workers share: port (2 bytes),
-        family bit and issue time in seconds mod 2^15 (2 bytes), HMAC (4 bytes). The reserving
-        worker does not hold the port bound (another process could not take it over); it only stops
-        picking it from its own slice until the reservation ends, and no other worker picks from
-        that slice. Whichever worker gets the token binds the port and will not take it again; a second
-    use elsewhere finds the port taken (508) while the first allocation holds it.
+    A client's Allocate with a RESERVATION-TOKEN comes from a new 5-tuple, which the kernel may
+    steer to another worker than the one that reserved the port (docs/turn.md, "Workers"). So
+    the token carries the port itself, signed with a key all workers share: port (2 bytes),
+    family bit and issue time in seconds mod 2^15 (2 bytes), HMAC (4 bytes). The reserving
+    worker does not hold the port bound (another process could not take it over); it only stops
+    picking it from its own slice until the reservation ends, and no other worker picks from
+    that slice. Whichever worker gets the token binds the port and will not take it again; a
+    second use elsewhere finds the port taken (508) while the first allocation holds it.
     """
 
     def __init__(
