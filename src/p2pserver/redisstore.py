@@ -203,7 +203,6 @@ class RedisRoomStore:
             return False
 
     # The same on both back ends: new_room() with this store's _add.
-    create = RoomStore.create
     create_room = unavailable_on_error(RoomStore.create_room)
     verify_pin = RoomStore.verify_pin
 

@@ -156,15 +156,6 @@ class RoomStore:
         except (aiosqlite.Error, ValueError):
             return False
 
-    async def create(
-        self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
-    ) -> tuple[str, str | None]:
-        """Create a room; return (room id, PIN or None). The PIN itself is never stored."""
-        room, pin = await self.create_room(
-            with_pin=with_pin, max_peers=max_peers, now=now, private=private
-        )
-        return room.id, pin
-
     async def create_room(
         self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
     ) -> tuple[Room, str | None]:

@@ -45,10 +45,6 @@ class Store(Protocol):
 
     async def ping(self) -> bool: ...
 
-    async def create(
-        self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
-    ) -> tuple[str, str | None]: ...
-
     async def create_room(
         self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
     ) -> tuple[Room, str | None]: ...

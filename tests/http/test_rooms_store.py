@@ -8,6 +8,7 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import pytest
@@ -23,6 +24,12 @@ from p2pserver.rooms import MIGRATIONS, SCHEMA_VERSION, RoomStore, migrate
 from p2pserver.store import Store
 
 OpenStore = Callable[[float], Awaitable[Store]]
+
+
+async def create(store: Store, **options: Any) -> tuple[str, str | None]:
+    """A new room's id and PIN (or None), as the HTTP API hands them out."""
+    room, pin = await store.create_room(**options)
+    return room.id, pin
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -57,7 +64,7 @@ async def test_fresh_file_gets_current_schema_and_wal(tmp_path: Path) -> None:
 async def test_migrate_is_idempotent_and_keeps_rooms(tmp_path: Path) -> None:
     path = str(tmp_path / "a.db")
     store = await RoomStore.open(path, ttl=60)
-    room_id, pin = await store.create(with_pin=True, max_peers=3, now=1000.0)
+    room_id, pin = await create(store, with_pin=True, max_peers=3, now=1000.0)
     await store.close()
     async with aiosqlite.connect(path, isolation_level=None) as db:
         assert await migrate(db) == SCHEMA_VERSION
@@ -80,7 +87,7 @@ async def test_a_v1_file_without_the_private_column_is_migrated_on_open(tmp_path
     store = await RoomStore.open(path, ttl=60)
     old = await store.get("OldRoomOldRoomOldRoom1", now=1001.0)
     assert old is not None and not old.private and old.max_peers == 2
-    new_id, _ = await store.create(with_pin=False, max_peers=2, now=1000.0, private=True)
+    new_id, _ = await create(store, with_pin=False, max_peers=2, now=1000.0, private=True)
     new = await store.get(new_id, now=1001.0)
     assert new is not None and new.private
     await store.close()
@@ -100,8 +107,8 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
 
 async def test_expiry_hides_then_sweep_deletes(open_store: OpenStore) -> None:
     store = await open_store(100)
-    idle, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
-    busy, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
+    idle, _ = await create(store, with_pin=False, max_peers=2, now=1000.0)
+    busy, _ = await create(store, with_pin=False, max_peers=2, now=1000.0)
     await store.touch([busy], now=1080.0)
     assert await store.get(idle, now=1099.0) is not None
     assert await store.get(idle, now=1100.0) is None  # expired, not yet swept
@@ -115,8 +122,8 @@ async def test_expiry_hides_then_sweep_deletes(open_store: OpenStore) -> None:
 
 async def test_rooms_keep_what_they_were_made_with(open_store: OpenStore) -> None:
     store = await open_store(100)
-    plain, no_pin = await store.create(with_pin=False, max_peers=5, now=1000.0)
-    locked, pin = await store.create(with_pin=True, max_peers=2, now=1000.0, private=True)
+    plain, no_pin = await create(store, with_pin=False, max_peers=5, now=1000.0)
+    locked, pin = await create(store, with_pin=True, max_peers=2, now=1000.0, private=True)
     again = await open_store(100)  # another process or instance
     room = await again.get(plain, now=1001.0)
     assert room is not None and no_pin is None
@@ -133,7 +140,7 @@ async def test_rooms_keep_what_they_were_made_with(open_store: OpenStore) -> Non
 
 async def test_touch_never_moves_last_active_back(open_store: OpenStore) -> None:
     store = await open_store(100)
-    room_id, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
+    room_id, _ = await create(store, with_pin=False, max_peers=2, now=1000.0)
     await store.touch([room_id], now=1050.0)
     await store.touch([room_id], now=1010.0)
     room = await store.get(room_id, now=1051.0)
@@ -294,7 +301,7 @@ async def test_concurrent_joins_and_touches_share_one_connection(open_store: Ope
     # used to fail now and then with sqlite3.InterfaceError (SQLITE_MISUSE): see RoomStore.
     store = await open_store(3600)
     now = 1000.0
-    ids = [(await store.create(with_pin=False, max_peers=2, now=now))[0] for _ in range(20)]
+    ids = [(await create(store, with_pin=False, max_peers=2, now=now))[0] for _ in range(20)]
 
     async def join(i: int) -> str | None:
         room = await store.get(ids[i % len(ids)], now + i)
@@ -317,7 +324,7 @@ async def test_concurrent_joins_and_touches_share_one_connection(open_store: Ope
 async def test_db_sync_sets_both_connections(tmp_path: Path, sync: str, level: int) -> None:
     store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100, sync=sync)
     try:
-        await store.create(with_pin=False, max_peers=2, now=1000.0)  # opens the writer's
+        await create(store, with_pin=False, max_peers=2, now=1000.0)  # opens the writer's
         assert await store._fetchone("PRAGMA synchronous", ()) == (level,)
         writer = store._writer
         assert writer is not None and writer._conn is not None
@@ -335,8 +342,8 @@ async def test_an_in_memory_store_writes_through_its_one_connection() -> None:
     store = await RoomStore.open(":memory:", ttl=100)
     try:
         assert store._writer is None
-        kept, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
-        gone, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
+        kept, _ = await create(store, with_pin=False, max_peers=2, now=1000.0)
+        gone, _ = await create(store, with_pin=False, max_peers=2, now=1000.0)
         await store.touch([kept], 1090.0)
         assert await store.sweep(1150.0) == 1
         assert await store.get(gone, 1150.0) is None
@@ -352,7 +359,7 @@ async def test_a_file_is_written_through_one_connection_only(tmp_path: Path) -> 
     # goes through the writer's connection, the main one only reads.
     store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
     try:
-        room_id, _ = await store.create(with_pin=False, max_peers=2, now=1000.0)
+        room_id, _ = await create(store, with_pin=False, max_peers=2, now=1000.0)
         await store.touch([room_id], 1050.0)
         await store.turn_secret()
         assert await store.sweep(1200.0) == 1

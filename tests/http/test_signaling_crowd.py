@@ -239,12 +239,12 @@ async def test_cache_rereads_old_entries(tmp_path: Path) -> None:
 async def test_concurrent_creates_share_transactions_and_all_land(tmp_path: Path) -> None:
     store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
     created = await asyncio.gather(
-        *(store.create(with_pin=i % 50 == 0, max_peers=2, now=1000.0) for i in range(300))
+        *(store.create_room(with_pin=i % 50 == 0, max_peers=2, now=1000.0) for i in range(300))
     )
-    assert len({room_id for room_id, _ in created}) == 300
+    assert len({room.id for room, _ in created}) == 300
     assert await store.count() == 300
-    for room_id, pin in created[::50]:
-        room = await store.get(room_id, 1001.0)
+    for made, pin in created[::50]:
+        room = await store.get(made.id, 1001.0)
         assert room is not None and pin is not None and await store.verify_pin(room, pin)
     await store.close()
     with sqlite3.connect(tmp_path / "a.db") as db:  # committed, not just visible
