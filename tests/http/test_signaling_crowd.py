@@ -47,6 +47,9 @@ async def _bounded(jobs: list[Any], limit: int) -> list[Any]:
 async def test_256_joins_in_flight_all_get_their_welcome(
     start_server: StartServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # The whole join path under a crowd. The rooms are fresh, so no touch reaches SQLite here
+    # (RoomCache.touch); the store's own concurrency is test_rooms_store's
+    # test_concurrent_joins_and_touches_share_one_connection.
     server = await start_server(ws_connections_per_ip=1000, rooms_per_minute=10**6)
     rooms = [room for room, _ in await _bounded([server.create_room() for _ in range(128)], 32)]
     with caplog.at_level(logging.ERROR, logger="p2pserver"):
