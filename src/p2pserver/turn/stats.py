@@ -83,9 +83,8 @@ class TurnStats:
     client_write_drops: int
 
     def count_request(self, method: int, transport: str) -> None:
-        self.labelled[
-            _REQUEST_KEYS.get((method, transport)) or _request_key(method, transport)
-        ] += 1
+        key = _REQUEST_KEYS.get((method, transport))  # an IntEnum hashes as its int
+        self.labelled[key or f"requests.other.{transport}"] += 1
 
     def count_error(self, code: int) -> None:
         self.labelled[f"errors.{code}"] += 1
@@ -127,12 +126,10 @@ METHOD_NAMES = {
     0x008: "create_permission",
     0x009: "channel_bind",
 }
-_REQUEST_KEYS: dict[tuple[int, str], str] = {}
-
-
-def _request_key(method: int, transport: str) -> str:
-    """ "requests.<method>.<transport>", made once per pair (requests are counted per message)."""
-    key = f"requests.{METHOD_NAMES.get(method, 'other')}.{transport}"
-    if len(_REQUEST_KEYS) < 64:  # methods a client may send are few; unknown ones share "other"
-        _REQUEST_KEYS[(method, transport)] = key
-    return key
+# "requests.<method>.<transport>" for every request the core answers (stun.decode refuses
+# the other methods before they are counted).
+_REQUEST_KEYS = {
+    (method, transport): f"requests.{name}.{transport}"
+    for method, name in METHOD_NAMES.items()
+    for transport in ("udp", "tcp", "tls")
+}
