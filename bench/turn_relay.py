@@ -141,6 +141,14 @@ def micro_cases(size: int) -> Iterator[tuple[str, Callable[[], object]]]:
         client = Client("udp", (LOCALHOST, 40000), (LOCALHOST, 3478), lambda data: None)
         binding = bytes(Message(Method.BINDING, Class.REQUEST))
         yield "TurnCore.handle(Binding request)", lambda: core.handle(binding, client, now)
+        # The UDP listener's fast path, and the per-request count it pays for /metrics.
+        remote = client.remote
+        yield (
+            "TurnCore.answer_binding (UDP fast path)",
+            lambda: core.answer_binding(binding, remote),
+        )
+        count = core.stats.count_request
+        yield "TurnStats.count_request (metrics)", lambda: count(Method.BINDING, "udp")
     assert relay.sent and delivered[0] and receiver.peer_rcvp  # each path really ran
 
 
