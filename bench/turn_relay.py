@@ -147,8 +147,8 @@ def micro_cases(size: int) -> Iterator[tuple[str, Callable[[], object]]]:
             "TurnCore.answer_binding (UDP fast path)",
             lambda: core.answer_binding(binding, remote),
         )
-        count = core.stats.count_request
-        yield "TurnStats.count_request (metrics)", lambda: count(Method.BINDING, "udp")
+        count, method = core.stats.count_request, Method.BINDING
+        yield "TurnStats.count_request (metrics)", lambda: count(method, "udp")
     assert relay.sent and delivered[0] and receiver.peer_rcvp  # each path really ran
 
 
