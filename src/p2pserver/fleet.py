@@ -249,10 +249,14 @@ class Fleet:
         flat = reply[1:]
         return dict(zip(flat[0::2], flat[1::2], strict=True))
 
-    def leave(self, room_id: str, peer_id: str) -> None:
-        if self.up:  # else sync() sends it once Redis is back
-            keys = (f"{PREFIX}members:{room_id}", self._peers)
-            self._queue(_Op(("EVAL", _LEAVE, 2, *keys, peer_id, self.id, room_id, INBOX), None))
+    def leave(self, room_id: str, peer_id: str, instance: str | None = None) -> None:
+        """The peer leaves the room. It is ours unless `instance` says whose (a hand-over that
+        did not answer: see Hub._resume_elsewhere); _LEAVE removes it only if it is still
+        that instance's."""
+        instance = instance or self.id
+        if self.up:  # else sync() sends ours once Redis is back
+            keys = (f"{PREFIX}members:{room_id}", f"{PREFIX}peers:{instance}")
+            self._queue(_Op(("EVAL", _LEAVE, 2, *keys, peer_id, instance, room_id, INBOX), None))
 
     def send(self, instance: str, room_id: str, to: str, frame: str) -> bool:
         """Relay a signal frame to peer `to` on `instance`; False if it cannot go (dropped)."""

@@ -487,7 +487,9 @@ class Hub:
             return self._join_failed(conn, m.RESUME_REFUSED)
         peer_id, instance = claimed
         frames = await fleet.handover(instance, room.id, peer_id)
-        if frames is None:  # it went away meanwhile
+        if frames is None:  # gone meanwhile, or no answer in time: a late hand-over there would
+            # drop the peer without a leave, so its place must not outlive this refusal
+            fleet.leave(room.id, peer_id, instance)
             return self._join_failed(conn, m.RESUME_REFUSED)
         members = await fleet.move(room.id, peer_id, instance)
         if conn.dead or self.closing:  # gone while we waited: now it leaves for real

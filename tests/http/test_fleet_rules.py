@@ -3,6 +3,7 @@ and where a signal goes for a peer that resumed on another instance (docs/deploy
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -11,7 +12,8 @@ import pytest
 from p2pserver import fleet as fleet_module
 from p2pserver.config import Settings
 from p2pserver.fleet import INBOX, Fleet
-from p2pserver.signaling import Hub
+from p2pserver.rooms import Room
+from p2pserver.signaling import Connection, Hub
 
 
 class _Pipeline:
@@ -81,3 +83,55 @@ async def test_signals_follow_a_peer_that_resumed_on_another_instance() -> None:
     hub.on_fleet_message(f"s|room|stale|{frame}")  # moved too long ago: it is gone
     hub.on_fleet_message(f"s|room|nobody|{frame}")  # never here
     assert fake.sent == [("there", "room", "moved", frame)]
+
+
+async def test_a_leave_can_be_said_for_another_instance() -> None:
+    redis = _Redis()
+    fleet = Fleet(redis, lambda text: None)  # type: ignore[arg-type]
+    fleet.up = True
+    fleet.leave("room", "peer", "there")
+    fleet.leave("room", "mine")
+    await fleet.flush()
+    theirs, ours = redis.sent
+    assert theirs[4:9] == (fleet_module.PREFIX + "peers:there", "peer", "there", "room", INBOX)
+    assert ours[4:7] == (fleet_module.PREFIX + "peers:" + fleet.id, "mine", fleet.id)
+
+
+class _Handing(_Fleet):
+    """A fleet whose token names a peer on instance "there", which does not hand it over."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left: list[tuple[str, str, str | None]] = []
+
+    async def claim_token(self, token: str, room_id: str) -> tuple[str, str]:
+        return "peer", "there"
+
+    async def handover(self, instance: str, room_id: str, peer_id: str) -> None:
+        return None  # gone, or no answer within HANDOVER_TIMEOUT
+
+    def leave(self, room_id: str, peer_id: str, instance: str | None = None) -> None:
+        self.left.append((room_id, peer_id, instance))
+
+
+class _Socket:
+    async def send_text(self, text: str) -> None:
+        pass
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        pass
+
+
+async def test_a_resume_the_other_instance_does_not_answer_frees_the_peers_place() -> None:
+    # A hand-over that answers late would drop the peer there without a leave: the place it
+    # holds in Redis is given up here, on that instance's behalf, when the resume is refused.
+    hub = Hub(Settings())
+    fake = _Handing()
+    hub.fleet = fake  # type: ignore[assignment]
+    now = asyncio.get_running_loop().time()
+    conn = Connection(_Socket(), "192.0.2.1", hub.settings, now)  # type: ignore[arg-type]
+    room = Room("room0000000000000000", None, 2, 0.0, 0.0)
+    await hub._resume_elsewhere(conn, room, "token", fake)  # type: ignore[arg-type]
+    assert fake.left == [(room.id, "peer", "there")]
+    assert conn.dead  # refused: resume-refused
+    assert hub.counts["join_failures.resume-refused"] == 1
