@@ -192,22 +192,36 @@ class RelayPorts:
     def open(
         self, family: int, *, even_port: bool, reserve_next: bool, dont_fragment: bool
     ) -> tuple[RelaySocket, bytes | None]:
+        now = self.clock()
         for port in self._candidates(even_port or reserve_next):
+            if not self._usable(port, reserve_next, now):
+                continue
             sock = self._bind(family, port)
             if sock is None:
                 continue
             token = None
             if reserve_next:
-                partner = self._bind(family, port + 1)
-                if partner is None:
+                token = self._reserve(family, port + 1, now)
+                if token is None:
                     sock.close()
                     continue
-                token = os.urandom(8)
-                self.reservations[token] = (partner, self.clock() + RESERVATION_LIFETIME)
             if dont_fragment:
                 _set_dont_fragment(sock)
             return self._relay(sock), token
         raise NoCapacity("no free relay port")
+
+    def _usable(self, port: int, reserve_next: bool, now: float) -> bool:
+        """Whether `port` may be tried (with `reserve_next`, and port + 1 kept for later)."""
+        return True
+
+    def _reserve(self, family: int, port: int, now: float) -> bytes | None:
+        """Keep `port` for a later Allocate (EVEN-PORT R bit); its token, or None if taken."""
+        partner = self._bind(family, port)
+        if partner is None:
+            return None
+        token = os.urandom(8)
+        self.reservations[token] = (partner, now + RESERVATION_LIFETIME)
+        return token
 
     def take_reserved(self, token: bytes) -> RelaySocket | None:
         entry = self.reservations.pop(token, None)
@@ -294,29 +308,16 @@ class SharedRelayPorts(RelayPorts):
         head = struct.pack("!HH", port, stamp)
         return head + self._mac(head, issued)
 
-    def open(
-        self, family: int, *, even_port: bool, reserve_next: bool, dont_fragment: bool
-    ) -> tuple[RelaySocket, bytes | None]:
-        now = self.clock()  # `held` is on TurnCore's clock; the token's stamp is wall time
-        for port in self._candidates(even_port or reserve_next):
-            if self.held.get(port, 0.0) > now or (reserve_next and port + 1 in self.held):
-                continue
-            sock = self._bind(family, port)
-            if sock is None:
-                continue
-            token = None
-            if reserve_next:
-                probe = self._bind(family, port + 1)  # free now; then kept free by `held`
-                if probe is None:
-                    sock.close()
-                    continue
-                probe.close()
-                self.held[port + 1] = now + RESERVATION_LIFETIME
-                token = self._token(family, port + 1, time.time())
-            if dont_fragment:
-                _set_dont_fragment(sock)
-            return self._relay(sock), token
-        raise NoCapacity("no free relay port")
+    def _usable(self, port: int, reserve_next: bool, now: float) -> bool:
+        return self.held.get(port, 0.0) <= now and not (reserve_next and port + 1 in self.held)
+
+    def _reserve(self, family: int, port: int, now: float) -> bytes | None:
+        probe = self._bind(family, port)  # free now; then kept free by `held`
+        if probe is None:
+            return None
+        probe.close()
+        self.held[port] = now + RESERVATION_LIFETIME  # on TurnCore's clock
+        return self._token(family, port, time.time())  # the token's stamp is wall time
 
     def take_reserved(self, token: bytes) -> RelaySocket | None:
         if len(token) != 8:
