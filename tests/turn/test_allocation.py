@@ -17,6 +17,7 @@ from p2pserver.turn.allocation import (
     PERMISSION_LIFETIME,
     Address,
     Allocation,
+    AllocationTable,
     NoCapacity,
     granted_lifetime,
 )
@@ -492,3 +493,49 @@ def test_permissions_per_allocation_are_capped_with_508() -> None:
     again = h.request(Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": ("8.8.8.8", 2)})
     assert again.message_class == Class.RESPONSE  # refreshing one we have is always fine
     assert set(allocation.permissions) == {"8.8.8.8", "8.8.4.4"}
+
+
+def _inside_pair(pad_b: bool = False) -> tuple[Allocation, Allocation, list[bytes]]:
+    """Allocations A and B of one process (one inside table), A with channel 0x4000 to B's
+    relayed address and B with channel 0x4abc to A's; returns what B's client gets."""
+    policy = PeerPolicy(allow=(ipaddress.ip_network("192.0.2.0/24"),))
+    table = AllocationTable(user_quota=0, max_allocations=10)
+    to_b: list[bytes] = []
+    pair = []
+    for port, pad, sink in ((50000, False, lambda data: None), (50001, pad_b, to_b.append)):
+        relay = RecordingRelay(1, port)
+        allocation = Allocation(
+            five_tuple=("udp", ("203.0.113.1", port), ("192.0.2.10", 3478)),
+            username="user",
+            key=b"k" * 16,
+            relays={1: relay},
+            relayed_addresses={1: relay.address},
+            expires=NOW + 600,
+            send_to_client=sink,
+            permits=policy.permits,
+            pad=pad,
+        )
+        table.add(allocation)
+        pair.append(allocation)
+    a, b = pair
+    assert a.bind_channel(0x4000, b.relayed_address, NOW) is None
+    assert b.bind_channel(0x4ABC, a.relayed_address, NOW) is None
+    return a, b, to_b
+
+
+def test_relay_to_relay_inside_renumbers_the_frame_for_the_receivers_channel() -> None:
+    """The hand-over inside (docs/turn.md, "Relay to relay") gives B's client what a datagram
+    from A's relay would have given it: B's own channel number, no padding over UDP, padding
+    to 4 bytes over TCP (RFC 8656 §12.5), nothing once B's permission is gone."""
+    a, b, to_b = _inside_pair()
+    a.from_client_channel(channel_data(0x4000, b"hello", pad=False))
+    a.from_client_channel(channel_data(0x4000, b"padded", pad=True))  # UDP may pad (§12.5)
+    assert to_b == [channel_data(0x4ABC, b"hello", False), channel_data(0x4ABC, b"padded", False)]
+    assert (a.peer_sentp, a.peer_sentb, b.peer_rcvp, b.peer_rcvb) == (2, 11, 2, 11)
+    del b.permissions[a.relayed_address[0]]  # as if it had expired while the channel lived on
+    a.from_client_channel(channel_data(0x4000, b"late", pad=False))
+    assert len(to_b) == 2 and b.peer_denied == 1 and a.peer_sentp == 3
+
+    a, b, to_b = _inside_pair(pad_b=True)
+    a.from_client_channel(channel_data(0x4000, b"odd", pad=False))
+    assert to_b == [channel_data(0x4ABC, b"odd", True)]
