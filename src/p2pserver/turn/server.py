@@ -112,6 +112,9 @@ class UdpListener(asyncio.DatagramProtocol):
             listening.family, socket.SOCK_DGRAM, 0, os.dup(listening.fileno())
         )
         self.sock.setblocking(False)
+        # The event loop looks datagram_received up for every datagram: as an instance
+        # attribute it is this closure, with no bound method to make and no attribute to load.
+        self.datagram_received = self._receiver(listening.family == socket.AF_INET6)  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.sock is not None:
@@ -137,27 +140,32 @@ class UdpListener(asyncio.DatagramProtocol):
 
         return send
 
-    def datagram_received(self, data: bytes, addr: tuple) -> None:  # type: ignore[override]
-        try:
-            if len(addr) > 2:
-                addr = addr[:2]  # IPv6 sockets add flowinfo and scope
-            # ChannelData (channels 0x4000-0x7FFF, see datapath.is_channel), the hot path;
-            # anything else with a first byte of 0x80-0xFF is garbage that TurnCore drops.
-            if len(data) >= 4 and data[0] in CHANNEL_FIRST_BYTES:
-                allocation = self.allocation(addr)
-                if allocation is not None:
-                    allocation.from_client_channel(data)
-                return
-            if data[:2] == BINDING_REQUEST:  # the commonest request, answered the short way
-                reply = self.server.core.answer_binding(data, addr)
-                if reply is not None:
-                    self.send(reply, addr)
+    def _receiver(self, ipv6: bool) -> Callable[[bytes, tuple], None]:
+        server, core, allocation, send = self.server, self.server.core, self.allocation, self.send
+
+        def datagram_received(data: bytes, addr: tuple) -> None:
+            try:
+                if ipv6:
+                    addr = addr[:2]  # IPv6 sockets add flowinfo and scope
+                # ChannelData (channels 0x4000-0x7FFF, see datapath.is_channel), the hot path;
+                # anything else with a first byte of 0x80-0xFF is garbage that TurnCore drops.
+                if len(data) >= 4 and data[0] in CHANNEL_FIRST_BYTES:
+                    found = allocation(addr)
+                    if found is not None:
+                        found.from_client_channel(data)
                     return
-            reply = self.server.handle(data, Client("udp", addr, self.local, self.sender(addr)))
-            if reply is not None:
-                self.send(reply, addr)
-        except Exception:
-            self.server.fault("udp", "a UDP datagram failed; dropped it")  # costs this datagram
+                if data[:2] == BINDING_REQUEST:  # the commonest request, answered the short way
+                    reply = core.answer_binding(data, addr)
+                    if reply is not None:
+                        send(reply, addr)
+                        return
+                reply = server.handle(data, Client("udp", addr, self.local, self.sender(addr)))
+                if reply is not None:
+                    send(reply, addr)
+            except Exception:
+                server.fault("udp", "a UDP datagram failed; dropped it")  # costs this datagram
+
+        return datagram_received
 
     def error_received(self, exc: Exception) -> None:
         pass  # ICMP errors for one client say nothing about the others
