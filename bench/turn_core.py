@@ -269,13 +269,17 @@ def binding_request() -> bytes:
 
 
 @contextlib.contextmanager
-def relay_pair(target: Target) -> Iterator[tuple[TurnClient, TurnClient, set[int]]]:
-    """Two allocations whose clients bound channel 0x4000 to each other's relayed address."""
+def relay_pair(
+    target: Target, channel_b: int = 0x4000
+) -> Iterator[tuple[TurnClient, TurnClient, set[int]]]:
+    """Two allocations whose clients bound a channel to each other's relayed address: A's
+    0x4000, B's `channel_b` (browsers number their channels from 0x4000, so in a call both
+    sides' first channel is 0x4000)."""
     a, b = TurnClient(target.address), TurnClient(target.address)
     try:
         relayed_a, relayed_b = a.allocate(), b.allocate()
         a.channel_bind(relayed_b)
-        b.channel_bind(relayed_a)
+        b.channel_bind(relayed_a, channel_b)
         yield a, b, {target.address[1], relayed_a[1], relayed_b[1]}
     finally:
         for client in (a, b):
@@ -284,8 +288,10 @@ def relay_pair(target: Target) -> Iterator[tuple[TurnClient, TurnClient, set[int
             client.close()
 
 
-def relay_to_relay(exe: Path, cpu: int, target: Target, size: int, seconds: float) -> Blast:
-    with relay_pair(target) as (a, b, ports):
+def relay_to_relay(
+    exe: Path, cpu: int, target: Target, size: int, seconds: float, channel_b: int = 0x4000
+) -> Blast:
+    with relay_pair(target, channel_b) as (a, b, ports):
         return blast(exe, cpu, [a.sock], [b.sock], channel_data(size), seconds, target, ports)
 
 
@@ -565,6 +571,12 @@ def main(argv: list[str] | None = None) -> int:
                 lambda e, t, s=size: relay_to_relay(e, generator_cpu, t, s, args.seconds),
             )
         )
+    cases.append(  # p2pserver then renumbers each frame (docs/turn.md, "Relay to relay")
+        (
+            "relay to relay, 1200 B, B's channel 0x4001, pkt/s",
+            lambda e, t: relay_to_relay(e, generator_cpu, t, 1200, args.seconds, 0x4001),
+        )
+    )
     for size in (160, 1200):
         cases.append(
             (

@@ -279,8 +279,8 @@ class TurnClient:
             raise RuntimeError(f"Allocate failed: {answer}")
         return tuple(answer.attributes["XOR-RELAYED-ADDRESS"])  # type: ignore[return-value]
 
-    def channel_bind(self, peer: tuple[str, int]) -> None:
-        attrs = {"CHANNEL-NUMBER": CHANNEL, "XOR-PEER-ADDRESS": peer}
+    def channel_bind(self, peer: tuple[str, int], number: int = CHANNEL) -> None:
+        attrs = {"CHANNEL-NUMBER": number, "XOR-PEER-ADDRESS": peer}
         answer = self.transact(Message(Method.CHANNEL_BIND, Class.REQUEST, None, attrs))
         if answer.message_class != Class.RESPONSE:
             raise RuntimeError(f"ChannelBind failed: {answer}")

@@ -495,9 +495,11 @@ def test_permissions_per_allocation_are_capped_with_508() -> None:
     assert set(allocation.permissions) == {"8.8.8.8", "8.8.4.4"}
 
 
-def _inside_pair(pad_b: bool = False) -> tuple[Allocation, Allocation, list[bytes]]:
+def _inside_pair(
+    pad_b: bool = False, channel_b: int = 0x4ABC
+) -> tuple[Allocation, Allocation, list[bytes]]:
     """Allocations A and B of one process (one inside table), A with channel 0x4000 to B's
-    relayed address and B with channel 0x4abc to A's; returns what B's client gets."""
+    relayed address and B with `channel_b` to A's; returns what B's client gets."""
     policy = PeerPolicy(allow=(ipaddress.ip_network("192.0.2.0/24"),))
     table = AllocationTable(user_quota=0, max_allocations=10)
     to_b: list[bytes] = []
@@ -519,7 +521,7 @@ def _inside_pair(pad_b: bool = False) -> tuple[Allocation, Allocation, list[byte
         pair.append(allocation)
     a, b = pair
     assert a.bind_channel(0x4000, b.relayed_address, NOW) is None
-    assert b.bind_channel(0x4ABC, a.relayed_address, NOW) is None
+    assert b.bind_channel(channel_b, a.relayed_address, NOW) is None
     return a, b, to_b
 
 
@@ -539,3 +541,9 @@ def test_relay_to_relay_inside_renumbers_the_frame_for_the_receivers_channel() -
     a, b, to_b = _inside_pair(pad_b=True)
     a.from_client_channel(channel_data(0x4000, b"odd", pad=False))
     assert to_b == [channel_data(0x4ABC, b"odd", True)]
+
+    a, b, to_b = _inside_pair(channel_b=0x4000)  # the same number both ways, as browsers pick
+    a.from_client_channel(channel_data(0x4000, b"same", pad=False))
+    a.from_client_channel(channel_data(0x4000, b"pad", pad=True))
+    assert to_b == [channel_data(0x4000, b"same", False), channel_data(0x4000, b"pad", False)]
+    assert (b.peer_rcvp, b.peer_rcvb) == (2, 7)

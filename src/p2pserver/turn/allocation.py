@@ -190,8 +190,9 @@ class Allocation:
                 and length + 4 == len(data)
                 and not target.pad
                 and source[0] in target.permissions
-            ):  # from_peer's commonest case: the same frame under the target's channel number
-                target.send_to_client(back.prefix + data[2:])
+            ):  # from_peer's commonest case: the same frame under the target's channel number,
+                # as it is when both use the same (browsers number their channels from 0x4000)
+                target.send_to_client(data if back.number == number else back.prefix + data[2:])
                 target.peer_rcvp += 1
                 target.peer_rcvb += length
             else:  # a Data indication, padding, or a denial
