@@ -444,6 +444,10 @@ def create_app(settings: Settings) -> Starlette:
     app.state.turn = None
     app.state.metrics = metrics
     metrics.turn = lambda: app.state.turn.stats() if app.state.turn is not None else None
-    metrics.signaling = lambda: {**hub.stats(), **hub.counts}
+    metrics.signaling = lambda: {
+        **hub.stats(),
+        **hub.counts,
+        "rooms_lost": hub.store.lost if hub.store is not None else 0,
+    }
     app.state.create_limiter = None  # the store's, set by the lifespan (it keeps limits)
     return app

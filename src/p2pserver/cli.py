@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--db-sync",
         choices=("normal", "full"),
         default=d.db_sync,
-        help="normal: a room created just before a power cut may be lost; full: a disk sync "
-        "before each answer (normal)",
+        help="normal: answer create-chat before the room is written (a crash or power cut "
+        "just after may lose it); full: once it is written and the disk synced (normal)",
     )
     http.add_argument(
         "--redis",

@@ -168,6 +168,12 @@ def signaling_metrics(stats: Mapping[str, Any]) -> Iterator[Metric]:
     }
     for key, (name, doc) in gauges.items():
         yield GaugeMetricFamily(name, doc, value=stats.get(key, 0))
+    yield CounterMetricFamily(
+        "p2pserver_rooms_lost",
+        "New rooms whose write to the store failed after their id was given out (--db-sync "
+        "normal; each logged)",
+        value=stats.get("rooms_lost", 0),
+    )
     families: dict[str, CounterMetricFamily] = {
         "messages": CounterMetricFamily(
             "p2pserver_signaling_messages", "Signaling messages received, by type", labels=["type"]

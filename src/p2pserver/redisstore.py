@@ -158,6 +158,8 @@ class RedisLimiter:
 
 
 class RedisRoomStore:
+    lost = 0  # create_room answers once Redis has the room (store.py)
+
     def __init__(self, client: aioredis.Redis, ttl: float) -> None:
         self._client = client
         self.ttl = ttl

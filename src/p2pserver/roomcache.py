@@ -50,6 +50,10 @@ class RoomCache:
     def ttl(self) -> float:
         return self.store.ttl
 
+    @property
+    def lost(self) -> int:
+        return self.store.lost
+
     # -- reads -------------------------------------------------------------------------------
 
     async def get(self, room_id: str, now: float) -> Room | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import queue
 import re
 import secrets
@@ -20,6 +21,11 @@ import aiosqlite
 
 from p2pserver import pins
 from p2pserver.ratelimit import MemoryLimiter
+
+log = logging.getLogger("p2pserver.rooms")
+
+LOST_LOG_INTERVAL = 10.0  # seconds between two log lines about rooms lost to failed writes
+CLOSE_FLUSH_TIMEOUT = 5.0  # how long closing waits for rooms not yet written
 
 # token_urlsafe(16): 128 random bits in 22 URL-safe characters.
 ROOM_ID_BYTES = 16
@@ -115,8 +121,17 @@ class RoomStore:
     ) -> None:
         self._db = db
         self.ttl = ttl
+        self.sync = sync
         self._inserts: list[tuple[Room, asyncio.Future[None]]] = []
         self._inserter: asyncio.Task[None] | None = None
+        # --db-sync normal: rooms given out but not yet committed, and their inserts' futures
+        # (see _insert). `lost` counts those whose write failed (a metric, docs/api.md#rooms).
+        self._unsaved: dict[str, tuple[Room, asyncio.Future[None]]] = {}
+        self._transaction = asyncio.Lock()  # ":memory:": writes share the main connection
+        self._writes_fail = False  # the last insert failed: wait for each write until one works
+        self._closed = False
+        self.lost = 0
+        self._lost_logged = (0, -LOST_LOG_INTERVAL)  # (lost when last logged, when)
         # A file has a second connection for inserts; ":memory:" would be another database.
         self._writer = _Writer(path, sync) if path and path != ":memory:" else None
 
@@ -139,6 +154,9 @@ class RoomStore:
         return cls(db, ttl, path, sync)
 
     async def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(TimeoutError):  # rooms already given out go to disk first
+            await asyncio.wait_for(self._written(), CLOSE_FLUSH_TIMEOUT)
         if self._inserter is not None:
             self._inserter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -172,16 +190,56 @@ class RoomStore:
         return True
 
     async def _insert(self, room: Room) -> None:
-        """Queue the room for the inserter and wait until its transaction is committed.
+        """Queue the room for the inserter; with --db-sync full, wait until its transaction is
+        committed. Rooms created at the same time share one transaction, so one commit (a
+        disk sync with full) covers them all instead of one each.
 
-        Rooms created at the same time share one transaction, so one commit (a disk sync with
-        --db-sync full) covers them all instead of one each.
+        With --db-sync normal the room is given out at once, as Redis acknowledges a write
+        before it reaches the disk: until its commit, milliseconds later, `get` answers from
+        `_unsaved`. A crash in those milliseconds loses it (so may a power cut later, with
+        normal); a failed write loses it too, counted and logged (docs/api.md#rooms). Waiting
+        for the writer's thread on a busy core was a tenth of a peer's time to get ready.
         """
+        if self._closed:
+            raise RuntimeError("room store closed")
         waiter = asyncio.get_running_loop().create_future()
         self._inserts.append((room, waiter))
         if self._inserter is None or self._inserter.done():
             self._inserter = asyncio.create_task(self._insert_batches())
-        await waiter
+        if self.sync == "full" or self._writes_fail:  # a failing store answers each create
+            await waiter
+            return
+        self._unsaved[room.id] = (room, waiter)
+        waiter.add_done_callback(functools.partial(self._saved, room.id))
+
+    def _saved(self, room_id: str, waiter: asyncio.Future[None]) -> None:
+        """An unsaved room's insert is over: on disk, or lost."""
+        entry = self._unsaved.get(room_id)
+        if entry is not None and entry[1] is waiter:
+            del self._unsaved[room_id]
+        error = None if waiter.cancelled() else waiter.exception()
+        if error is None:
+            return
+        self._writes_fail = True  # until a write works, creates wait for theirs (_insert)
+        self.lost += 1
+        last_count, last_time = self._lost_logged
+        now = asyncio.get_running_loop().time()
+        if now - last_time >= LOST_LOG_INTERVAL:  # a full disk fails every write: not a flood
+            self._lost_logged = (self.lost, now)
+            log.error(
+                "a new room could not be written and is lost (%d lost in all, %d since the "
+                "last such line): %r",
+                self.lost,
+                self.lost - last_count,
+                error,
+                exc_info=error if last_count == 0 else None,  # the traceback the first time
+            )
+
+    async def _written(self) -> None:
+        """Wait until every room given out so far is written (or lost)."""
+        waiters = [waiter for _, waiter in self._unsaved.values()]
+        if waiters:
+            await asyncio.wait(waiters)
 
     async def _insert_batches(self) -> None:
         # Other statements on the connection may run inside a batch's transaction (aiosqlite
@@ -207,6 +265,7 @@ class RoomStore:
                 for _, waiter in batch:
                     _settle(waiter, exc)
             else:
+                self._writes_fail = False
                 for _, waiter in batch:
                     _settle(waiter, None)
             finally:  # cancelled (closing): nobody may wait forever
@@ -224,6 +283,9 @@ class RoomStore:
         """The room, or None if it does not exist or has expired (even if not yet swept)."""
         if not is_room_id(room_id):
             return None
+        unsaved = self._unsaved.get(room_id)
+        if unsaved is not None:  # given out, not yet committed (see _insert)
+            return unsaved[0] if unsaved[0].last_active > now - self.ttl else None
         row = await self._fetchone(
             "SELECT id, pin_hash, max_peers, created, last_active, private FROM rooms"
             " WHERE id = ? AND last_active > ?",
@@ -241,17 +303,20 @@ class RoomStore:
     async def touch(self, room_ids: Iterable[str], now: float) -> None:
         rows = [(now, room_id, now) for room_id in room_ids]
         if rows:
+            await self._written()  # a room given out but not yet inserted would miss it
             await self._write_many(
                 "UPDATE rooms SET last_active = ? WHERE id = ? AND last_active < ?", rows
             )
 
     async def sweep(self, now: float) -> int:
         """Delete rooms idle for longer than the TTL; return how many."""
+        await self._written()
         return await self._write_many(
             "DELETE FROM rooms WHERE last_active <= ?", [(now - self.ttl,)]
         )
 
     async def count(self) -> int:
+        await self._written()
         row = await self._fetchone("SELECT count(*) FROM rooms", ())
         return int(row[0]) if row else 0
 
@@ -288,15 +353,16 @@ class RoomStore:
         """
         if self._writer is not None:
             return await self._writer.write_many(sql, rows)
-        await self._write("BEGIN IMMEDIATE", ())
-        try:
-            async with self._db.executemany(sql, rows) as cur:
-                changed = cur.rowcount
-            await self._write("COMMIT", ())
-        except BaseException:
-            with contextlib.suppress(aiosqlite.Error, ValueError):
-                await self._write("ROLLBACK", ())
-            raise
+        async with self._transaction:  # one at a time on the one connection
+            await self._write("BEGIN IMMEDIATE", ())
+            try:
+                async with self._db.executemany(sql, rows) as cur:
+                    changed = cur.rowcount
+                await self._write("COMMIT", ())
+            except BaseException:
+                with contextlib.suppress(aiosqlite.Error, ValueError):
+                    await self._write("ROLLBACK", ())
+                raise
         return changed
 
 

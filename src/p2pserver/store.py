@@ -40,6 +40,9 @@ class Limiter(Protocol):
 
 class Store(Protocol):
     ttl: float
+    # Rooms given out by create_room whose write then failed (SQLite with --db-sync normal,
+    # docs/api.md#rooms); 0 where create_room waits for the write.
+    lost: int
 
     async def close(self) -> None: ...
 

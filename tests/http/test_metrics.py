@@ -171,6 +171,7 @@ async def test_metrics_count_pin_lockouts_and_refused_frames(tmp_path: Path) -> 
     assert value(samples, "p2pserver_signaling_join_failures_total", reason="wrong-pin") == 2
     failures = value(samples, "p2pserver_signaling_join_failures_total", reason="too-many-attempts")
     assert failures == 1
+    assert samples[("p2pserver_rooms_lost_total", frozenset())] == 0  # every create landed
 
 
 async def test_counters_do_not_go_down_when_a_worker_dies(tmp_path: Path) -> None:

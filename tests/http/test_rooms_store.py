@@ -325,6 +325,7 @@ async def test_db_sync_sets_both_connections(tmp_path: Path, sync: str, level: i
     store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100, sync=sync)
     try:
         await create(store, with_pin=False, max_peers=2, now=1000.0)  # opens the writer's
+        await store._written()  # with normal, create answers before the insert
         assert await store._fetchone("PRAGMA synchronous", ()) == (level,)
         writer = store._writer
         assert writer is not None and writer._conn is not None
@@ -380,3 +381,72 @@ async def test_memory_limiter_forgets_released_attempts() -> None:
     assert ticket is not None
     await limiter.release("k", ticket)
     assert len(limiter.window) == 0
+
+
+def rows_in_file(path: Path) -> set[str]:
+    """The room ids committed to the file, as another process would read them."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {row[0] for row in db.execute("SELECT id FROM rooms")}
+
+
+async def test_db_sync_full_gives_a_room_out_once_it_is_on_disk(tmp_path: Path) -> None:
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100, sync="full")
+    try:
+        room_id, _ = await create(store, with_pin=False, max_peers=2, now=1000.0)
+        assert room_id in rows_in_file(tmp_path / "a.db")
+    finally:
+        await store.close()
+
+
+async def test_db_sync_normal_gives_a_room_out_before_its_commit(tmp_path: Path) -> None:
+    """docs/api.md#rooms: the id goes out at once; the store answers for the room until its
+    commit, which follows within the writer's next trip, and closing writes what is left."""
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
+    first, _ = await create(store, with_pin=False, max_peers=2, now=1000.0)
+    assert first not in rows_in_file(tmp_path / "a.db")  # not yet: the writer has not run
+    room = await store.get(first, 1001.0)
+    assert room is not None and room.id == first
+    await store.touch([first], 1050.0)  # waits for the insert, so the touch is not lost
+    room = await store.get(first, 1051.0)
+    assert room is not None and room.last_active == 1050.0
+    assert await store.count() == 1
+    assert first in rows_in_file(tmp_path / "a.db")
+    second, _ = await create(store, with_pin=False, max_peers=2, now=1000.0)
+    await store.close()  # the room just given out is written before the file closes
+    assert rows_in_file(tmp_path / "a.db") == {first, second}
+    assert store.lost == 0
+
+
+async def test_a_failed_write_loses_only_the_rooms_already_given_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With --db-sync normal a room whose insert fails after its id went out is lost: counted,
+    logged with its traceback once. Until a write works again, each create waits for its own
+    write and fails with it, as with full; then creates go back to answering at once."""
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
+    failing = True
+    real = store._insert_rows
+
+    async def insert_rows(rows: list[tuple[Any, ...]]) -> None:
+        if failing:
+            raise sqlite3.OperationalError("disk I/O error")
+        await real(rows)
+
+    monkeypatch.setattr(store, "_insert_rows", insert_rows)
+    try:
+        lost, _ = await create(store, with_pin=False, max_peers=2, now=1000.0)
+        await store._written()
+        assert store.lost == 1 and await store.get(lost, 1001.0) is None
+        with pytest.raises(sqlite3.OperationalError):  # no longer given out before the write
+            await create(store, with_pin=False, max_peers=2, now=1000.0)
+        assert store.lost == 1  # that one was refused, not lost
+        failing = False
+        kept, _ = await create(store, with_pin=False, max_peers=2, now=1000.0)  # waits, works
+        assert kept in rows_in_file(tmp_path / "a.db")
+        quick, _ = await create(store, with_pin=False, max_peers=2, now=1000.0)
+        assert quick not in rows_in_file(tmp_path / "a.db")  # answering at once again
+    finally:
+        await store.close()
+    assert rows_in_file(tmp_path / "a.db") == {kept, quick}
+    lines = [r for r in caplog.records if "could not be written" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is not None

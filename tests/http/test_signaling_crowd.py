@@ -230,7 +230,7 @@ async def test_cache_skips_touches_of_rooms_it_knows_are_fresh() -> None:
 
 
 async def test_cache_rereads_old_entries(tmp_path: Path) -> None:
-    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100, sync="full")  # on disk at once
     cache = RoomCache(store, max_age=0.0)
     room_id, _ = await cache.create(with_pin=False, max_peers=2, now=1000.0)
     with sqlite3.connect(tmp_path / "a.db") as db:  # another process deletes it
