@@ -171,7 +171,7 @@ def signaling_metrics(stats: Mapping[str, Any]) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "p2pserver_rooms_lost",
         "New rooms whose write to the store failed after their id was given out (--db-sync "
-        "normal; each logged)",
+        "normal; logged)",
         value=stats.get("rooms_lost", 0),
     )
     families: dict[str, CounterMetricFamily] = {

@@ -161,6 +161,7 @@ class RedisRoomStore:
     lost = 0  # create_room answers once Redis has the room (store.py)
 
     def __init__(self, client: aioredis.Redis, ttl: float) -> None:
+        self.on_lost: Callable[[str], None] = lambda room_id: None  # never called
         self._client = client
         self.ttl = ttl
         self._ttl_seconds = max(1, math.ceil(ttl))

@@ -45,6 +45,7 @@ class RoomCache:
         self._rooms: dict[str, tuple[Room, float]] = {}  # id -> (room, when read), oldest first
         self._touches: dict[str, float] = {}  # rooms touched since the last write
         self._writer: asyncio.Task[None] | None = None
+        store.on_lost = self._forget  # a room given out whose write failed (store.py)
 
     @property
     def ttl(self) -> float:
@@ -138,6 +139,10 @@ class RoomCache:
         await self.store.close()
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _forget(self, room_id: str) -> None:
+        self._rooms.pop(room_id, None)
+        self._touches.pop(room_id, None)
 
     def _remember(self, room: Room) -> None:
         self._rooms.pop(room.id, None)

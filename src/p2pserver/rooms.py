@@ -97,7 +97,8 @@ async def new_room(
     private: bool,
 ) -> tuple[Room, str | None]:
     """A room with a fresh id and, if asked, a PIN (stored only as a hash), once `add` has
-    stored it; `add` says False when the id was taken (2**-128 odds, but cheap to handle)."""
+    taken it; `add` says False when the id was taken (2**-128 odds, but cheap to handle; a
+    store that answers before its write finds out later, see RoomStore._insert)."""
     pin = pins.new_pin() if with_pin else None
     pin_hash = await asyncio.to_thread(pins.hash_pin, pin) if pin else None
     while True:
@@ -131,15 +132,18 @@ class RoomStore:
         self._writes_fail = False  # the last insert failed: wait for each write until one works
         self._closed = False
         self.lost = 0
+        self.on_lost: Callable[[str], None] = lambda room_id: None  # the cache forgets it
         self._lost_logged = (0, -LOST_LOG_INTERVAL)  # (lost when last logged, when)
+        self._lost_error: BaseException | None = None
+        self._lost_log: asyncio.TimerHandle | None = None
         # A file has a second connection for inserts; ":memory:" would be another database.
         self._writer = _Writer(path, sync) if path and path != ":memory:" else None
 
     @classmethod
     async def open(cls, path: str, ttl: float, sync: str = "normal") -> RoomStore:
-        """`sync` is SQLite's synchronous setting for the file (--db-sync, docs/api.md#rooms).
-        In WAL mode, NORMAL syncs the disk at checkpoints only: a crash of this process loses
-        nothing, a power cut may lose the last commits. FULL syncs at every commit."""
+        """`sync` is --db-sync (docs/api.md#rooms), SQLite's synchronous setting for the file.
+        In WAL mode, NORMAL syncs the disk at checkpoints only: a power cut may lose the last
+        commits. FULL syncs at every commit, and create_room then answers only after it."""
         if sync not in SYNC_MODES:
             raise ValueError(f"synchronous must be one of {', '.join(SYNC_MODES)}")
         db = await aiosqlite.connect(path, isolation_level=None)
@@ -155,18 +159,25 @@ class RoomStore:
 
     async def close(self) -> None:
         self._closed = True
-        with contextlib.suppress(TimeoutError):  # rooms already given out go to disk first
-            await asyncio.wait_for(self._written(), CLOSE_FLUSH_TIMEOUT)
-        if self._inserter is not None:
-            self._inserter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._inserter
-        for _, waiter in self._inserts:
-            _settle(waiter, RuntimeError("room store closed"))
-        self._inserts = []
-        if self._writer is not None:
-            await self._writer.close()
-        await self._db.close()
+        try:
+            with contextlib.suppress(TimeoutError):  # rooms already given out go to disk first
+                await asyncio.wait_for(self._written(), CLOSE_FLUSH_TIMEOUT)
+        finally:  # also when closing is cancelled: the thread and the file are let go
+            if self._inserter is not None:
+                # A batch already on the writer's thread may still commit there, though its
+                # rooms are then counted as lost.
+                self._inserter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._inserter
+            for _, waiter in self._inserts:
+                _settle(waiter, RuntimeError("room store closed"))
+            self._inserts = []
+            if self._lost_log is not None:  # what the rate limit held back, said now
+                self._lost_log.cancel()
+                self._log_lost()
+            if self._writer is not None:
+                await self._writer.close()
+            await self._db.close()
 
     async def ping(self) -> bool:
         try:
@@ -177,7 +188,8 @@ class RoomStore:
     async def create_room(
         self, *, with_pin: bool, max_peers: int, now: float, private: bool = False
     ) -> tuple[Room, str | None]:
-        """Create a room; return it and its PIN (or None), once it is on disk."""
+        """Create a room; return it and its PIN (or None), once it is committed with
+        --db-sync full, once it is queued for the writer with normal (see _insert)."""
         return await new_room(
             self._add, with_pin=with_pin, max_peers=max_peers, now=now, private=private
         )
@@ -222,18 +234,25 @@ class RoomStore:
             return
         self._writes_fail = True  # until a write works, creates wait for theirs (_insert)
         self.lost += 1
-        last_count, last_time = self._lost_logged
-        now = asyncio.get_running_loop().time()
-        if now - last_time >= LOST_LOG_INTERVAL:  # a full disk fails every write: not a flood
-            self._lost_logged = (self.lost, now)
-            log.error(
-                "a new room could not be written and is lost (%d lost in all, %d since the "
-                "last such line): %r",
-                self.lost,
-                self.lost - last_count,
-                error,
-                exc_info=error if last_count == 0 else None,  # the traceback the first time
-            )
+        self._lost_error = error
+        self.on_lost(room_id)
+        if self._lost_log is None:  # one line for a failed batch, one per interval at most
+            loop = asyncio.get_running_loop()
+            when = max(loop.time(), self._lost_logged[1] + LOST_LOG_INTERVAL)
+            self._lost_log = loop.call_at(when, self._log_lost)
+
+    def _log_lost(self) -> None:
+        self._lost_log = None
+        last_count, _ = self._lost_logged
+        self._lost_logged = (self.lost, asyncio.get_running_loop().time())
+        error = self._lost_error
+        log.error(
+            "%d new room(s) could not be written and are lost (%d in all): %r",
+            self.lost - last_count,
+            self.lost,
+            error,
+            exc_info=error if last_count == 0 else None,  # the traceback the first time
+        )
 
     async def _written(self) -> None:
         """Wait until every room given out so far is written (or lost)."""
@@ -242,9 +261,6 @@ class RoomStore:
             await asyncio.wait(waiters)
 
     async def _insert_batches(self) -> None:
-        # Other statements on the connection may run inside a batch's transaction (aiosqlite
-        # runs them in turn); they are autocommit reads and idempotent writes, so a rollback
-        # costs at most a touch.
         while self._inserts:
             batch, self._inserts = self._inserts, []
             rows = [

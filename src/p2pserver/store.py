@@ -9,7 +9,7 @@ in this process's memory, as one process is all that uses the file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from p2pserver.config import Settings
@@ -41,8 +41,9 @@ class Limiter(Protocol):
 class Store(Protocol):
     ttl: float
     # Rooms given out by create_room whose write then failed (SQLite with --db-sync normal,
-    # docs/api.md#rooms); 0 where create_room waits for the write.
+    # docs/api.md#rooms), each told to on_lost; none where create_room waits for the write.
     lost: int
+    on_lost: Callable[[str], None]
 
     async def close(self) -> None: ...
 

@@ -15,7 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from p2pserver.config import Settings
-from serverlog import TIMEOUT, Process, wait_until  # noqa: F401  (shared with tests/cli)
+from serverlog import TIMEOUT, Process, wait_until
 
 
 class Peer:
@@ -113,3 +113,17 @@ class Server:
 
 StartServer = Callable[..., Awaitable[Server]]
 StartProcess = Callable[..., Awaitable[tuple[Process, Server]]]
+
+
+def rooms_on_disk(path: Any) -> set[str]:
+    """The room ids committed to a SQLite file, as another process reads them."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return {row[0] for row in db.execute("SELECT id FROM rooms")}
+
+
+async def wait_on_disk(path: Any, *room_ids: str) -> None:
+    """Until the rooms are committed: with --db-sync normal create-chat answers before that
+    (docs/api.md#rooms), milliseconds before."""
+    await wait_until(lambda: set(room_ids) <= rooms_on_disk(path), what=f"{room_ids} on disk")

@@ -8,7 +8,7 @@ import sqlite3
 from typing import Any
 
 import pytest
-from httpkit import Server, StartServer, wait_until
+from httpkit import Server, StartServer, wait_on_disk, wait_until
 
 ROOM_ID = re.compile(r"[A-Za-z0-9_-]{22,}")
 
@@ -162,6 +162,7 @@ async def test_cors_restricted_origins(start_server: StartServer) -> None:
 async def test_pin_is_stored_only_as_salted_hash(server: Server) -> None:
     room_a, pin_a = await server.create_room(withPin=True)
     room_b, _ = await server.create_room(withPin=True)
+    await wait_on_disk(server.settings.db, room_a, room_b)
     with sqlite3.connect(server.settings.db) as db:
         rows = dict(db.execute("SELECT id, pin_hash FROM rooms").fetchall())
         dump = "\n".join(db.iterdump())

@@ -6,7 +6,7 @@ import signal
 import sqlite3
 from pathlib import Path
 
-from httpkit import StartProcess
+from httpkit import StartProcess, wait_on_disk
 
 from p2pserver import credentials
 
@@ -19,6 +19,7 @@ async def test_room_survives_sigkill_and_restart(
     room_id, pin = await server.create_room(withPin=True, private=True)
     assert pin is not None
     first = await server.join(room_id, pin)
+    await wait_on_disk(db, room_id)  # committed: milliseconds after create-chat answered
     process.kill()  # SIGKILL: no shutdown code runs
 
     process, server = await start_process("--no-turn", db=db)

@@ -8,7 +8,7 @@ import sqlite3
 import time
 
 import pytest
-from httpkit import TIMEOUT, Server, StartServer, wait_until
+from httpkit import TIMEOUT, Server, StartServer, wait_on_disk, wait_until
 from websockets.exceptions import InvalidStatus
 
 from p2pserver import credentials
@@ -376,6 +376,7 @@ async def test_generated_secret_signs_credentials(server: Server) -> None:
 async def test_join_touches_last_active(start_server: StartServer) -> None:
     creator = await start_server()
     room_id, _ = await creator.create_room()
+    await wait_on_disk(creator.settings.db, room_id)
     old = time.time() - 3600  # idle for an hour, as the file says
     with sqlite3.connect(creator.settings.db) as db:
         db.execute("UPDATE rooms SET last_active = ? WHERE id = ?", (old, room_id))

@@ -161,7 +161,8 @@ class Allocation:
         had left `relay` and arrived there: it comes from this allocation's relayed address as
         the target's client knows it (the advertised one, e.g. --external-ip, when that is what
         was addressed; the bind address when that was), and passes the target's permissions,
-        peer policy and counters in `from_peer`. Synchronous, so the order is kept."""
+        peer policy (unless it has a channel to that address) and counters in `from_peer`.
+        Synchronous, so the order is kept."""
         source = self.relayed_addresses[relay.family] if advertised else relay.address
         target.from_peer(payload, source)
 
