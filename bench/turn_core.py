@@ -56,6 +56,7 @@ from turn_relay import (
     cpu_seconds,
     free_port,
     running,
+    send_indication,
     udp_drops,
 )
 
@@ -295,15 +296,24 @@ def relay_to_relay(
         return blast(exe, cpu, [a.sock], [b.sock], channel_data(size), seconds, target, ports)
 
 
-def relay_to_peer(exe: Path, cpu: int, target: Target, size: int, seconds: float) -> Blast:
+def relay_to_peer(
+    exe: Path, cpu: int, target: Target, size: int, seconds: float, indications: bool = False
+) -> Blast:
+    """One allocation to a plain UDP socket, on a channel, or (`indications`) in Send
+    indications after a CreatePermission, as Firefox's TURN client always sends."""
     peer = big_buffers(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
     peer.bind((LOCALHOST, 0))
     client = TurnClient(target.address)
     try:
         relayed = client.allocate()
-        client.channel_bind(peer.getsockname())
+        if indications:
+            client.create_permission(peer.getsockname())
+            message = send_indication(peer.getsockname(), bytes(size))
+        else:
+            client.channel_bind(peer.getsockname())
+            message = channel_data(size)
         ports = {target.address[1], relayed[1]}
-        return blast(exe, cpu, [client.sock], [peer], channel_data(size), seconds, target, ports)
+        return blast(exe, cpu, [client.sock], [peer], message, seconds, target, ports)
     finally:
         client.sock.settimeout(1.0)
         client.refresh_delete()
@@ -584,6 +594,12 @@ def main(argv: list[str] | None = None) -> int:
                 lambda e, t, s=size: relay_to_peer(e, generator_cpu, t, s, args.seconds),
             )
         )
+    cases.append(
+        (
+            "one allocation to a plain peer, 160 B Send indications, pkt/s",
+            lambda e, t: relay_to_peer(e, generator_cpu, t, 160, args.seconds, indications=True),
+        )
+    )
     if args.only:
         cases = [case for case in cases if any(text in case[0] for text in args.only)]
     blasts: dict[tuple[str, str], list[Blast]] = {}

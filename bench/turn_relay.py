@@ -238,7 +238,8 @@ def big_buffers(sock: socket.socket) -> socket.socket:
 
 
 class TurnClient:
-    """A blocking TURN client over UDP: long-term credentials, Allocate, ChannelBind."""
+    """A blocking TURN client over UDP: long-term credentials, Allocate, ChannelBind,
+    CreatePermission."""
 
     def __init__(self, server: tuple[str, int]) -> None:
         self.sock = big_buffers(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
@@ -284,6 +285,12 @@ class TurnClient:
         answer = self.transact(Message(Method.CHANNEL_BIND, Class.REQUEST, None, attrs))
         if answer.message_class != Class.RESPONSE:
             raise RuntimeError(f"ChannelBind failed: {answer}")
+
+    def create_permission(self, peer: tuple[str, int]) -> None:
+        attrs = {"XOR-PEER-ADDRESS": peer}
+        answer = self.transact(Message(Method.CREATE_PERMISSION, Class.REQUEST, None, attrs))
+        if answer.message_class != Class.RESPONSE:
+            raise RuntimeError(f"CreatePermission failed: {answer}")
 
     def refresh_delete(self) -> None:
         with contextlib.suppress(TimeoutError):

@@ -22,7 +22,7 @@ from p2pserver.turn.allocation import (
     granted_lifetime,
 )
 from p2pserver.turn.auth import long_term_key
-from p2pserver.turn.datapath import channel_data, parse_send
+from p2pserver.turn.datapath import channel_data, data_indication, parse_send
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
 from p2pserver.turn.stun import TurnMessage as Message
@@ -547,3 +547,20 @@ def test_relay_to_relay_inside_renumbers_the_frame_for_the_receivers_channel() -
     a.from_client_channel(channel_data(0x4000, b"pad", pad=True))
     assert to_b == [channel_data(0x4000, b"same", False), channel_data(0x4000, b"pad", False)]
     assert (b.peer_rcvp, b.peer_rcvb) == (2, 7)
+
+
+def test_data_indications_carry_their_peer_and_fresh_transaction_ids() -> None:
+    """What datapath keeps between Data indications (an IPv4 peer's attribute, a pool of
+    random transaction ids) never shows: each is right for its peer, and no id repeats, also
+    past a refill of the pool (RFC 8656 §11.6, RFC 8489 §6)."""
+    txids = set()
+    for peer in (("8.8.8.8", 4000), ("8.8.4.4", 4001), ("2001:4860::8888", 4000)):
+        for size in range(300):
+            payload = bytes([size % 251]) * size
+            message = parse_message(data_indication(peer, payload))
+            assert message.message_method == Method.DATA
+            assert message.message_class == Class.INDICATION
+            assert message.attributes["XOR-PEER-ADDRESS"] == peer
+            assert message.attributes["DATA"] == payload
+            txids.add(message.transaction_id)
+    assert len(txids) == 900

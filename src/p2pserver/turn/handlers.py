@@ -49,7 +49,6 @@ UDP = 17  # REQUESTED-TRANSPORT protocol number (RFC 8656 §14.7)
 # Work units one handle_timers() call may do (allocation.AllocationTable.handle_timers): about
 # 1 ms on this project's test machine, so expiry never stalls the event loop much longer.
 TIMER_BUDGET = 2000
-_SEND_INDICATION = b"\x00\x16"
 _BINDING = Method.BINDING  # once: an enum member's lookup costs a Binding answer 5 %
 
 
@@ -121,7 +120,7 @@ class TurnCore:
         (unit tests) may give `now` alone, and it serves as both."""
         if wall is None:
             wall = now
-        if data[:2] == _SEND_INDICATION:
+        if data[:2] == stun.SEND_INDICATION:
             self.send_indication(data, client)
             return None
         if data[:2] == stun.BINDING_REQUEST:
@@ -398,7 +397,11 @@ class TurnCore:
 
     def send_indication(self, data: bytes, client: Client) -> None:
         """RFC 8656 §11.3: relay the DATA to the peer if there is a permission, else drop."""
-        allocation = self.table.get(client.five_tuple)
+        self.relay_indication(self.table.get(client.five_tuple), data)
+
+    def relay_indication(self, allocation: Allocation | None, data: bytes) -> None:
+        """send_indication, for a caller that has found the client's allocation (or None)
+        itself: the UDP listener, by client address, as for ChannelData."""
         parsed = parse_send(data) if allocation is not None else None
         if parsed is None or allocation is None:
             self.stats.dropped += 1

@@ -29,7 +29,7 @@ from p2pserver.turn.framing import FramingError, StreamFramer
 from p2pserver.turn.handlers import Client, TurnCore
 from p2pserver.turn.policy import PeerPolicy
 from p2pserver.turn.relay import Hairpin, RelayPorts, SharedRelayPorts
-from p2pserver.turn.stun import BINDING_REQUEST
+from p2pserver.turn.stun import BINDING_REQUEST, SEND_INDICATION
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,9 @@ class UdpListener(asyncio.DatagramProtocol):
                     found = allocation(addr)
                     if found is not None:
                         found.from_client_channel(data)
+                    return
+                if data[:2] == SEND_INDICATION:  # Firefox relays in these, never on channels
+                    core.relay_indication(allocation(addr), data)
                     return
                 if data[:2] == BINDING_REQUEST:  # the commonest request, answered the short way
                     reply = core.answer_binding(data, addr)

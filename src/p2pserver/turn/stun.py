@@ -402,6 +402,7 @@ REASONS = {
 
 
 BINDING_REQUEST = b"\x00\x01"  # the first two bytes of a Binding request (RFC 8489 §5)
+SEND_INDICATION = b"\x00\x16"  # and of a Send indication (RFC 8656 §11.1)
 _HEAD = struct.Struct("!HHI")  # type, length, magic cookie (the transaction id follows)
 _ATTR = struct.Struct("!HH")
 
