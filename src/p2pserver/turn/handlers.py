@@ -406,11 +406,11 @@ class TurnCore:
         if parsed is None or allocation is None:
             self.stats.dropped += 1
             return
-        (ip, port), payload = parsed
+        peer, payload = parsed
         # A permitted IP is of the relay's family: CreatePermission checked that (443).
-        if ip not in allocation.permissions or not self.policy.permits(ip, port):
+        if peer[0] not in allocation.permissions or not self.policy.permits(*peer):
             return
-        allocation.send_to_peer(payload, (ip, port))  # through the relay of the peer's family
+        allocation.send_to_peer(payload, peer)  # through the relay of the peer's family
 
     # --- timers (sans-I/O: the caller asks when, and calls back then) -------------------------
 
