@@ -386,8 +386,9 @@ async def _redis_secret(settings: Settings, url: str) -> str:
 
 async def serve_all(settings: Settings) -> None:
     from p2pserver.app import create_app
-    from p2pserver.serving import DrainingServer, uvicorn_config
+    from p2pserver.serving import DrainingServer, tune_gc, uvicorn_config
 
+    tune_gc()
     secret = await _stored_secret(settings)
     turn = None
     bound: dict[str, int] = {}

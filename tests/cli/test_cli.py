@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import re
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from p2pserver.cli import parse_settings
+from p2pserver.serving import GC_YOUNG_THRESHOLD, tune_gc
 
 
 def test_defaults() -> None:
@@ -237,3 +239,21 @@ def test_self_test_and_metrics_access_flags() -> None:
     assert [str(n) for n in loopback] == ["127.0.0.0/8", "::1/128"]
     wide = parse_settings([], environ={"P2P_METRICS_ALLOW": "10.0.0.0/8,192.0.2.0/24"})
     assert [str(n) for n in wide.metrics_allow] == ["10.0.0.0/8", "192.0.2.0/24"]
+
+
+def test_tune_gc_raises_only_the_young_threshold() -> None:
+    """serving.tune_gc (called by the HTTP server's start): the youngest generation at 5,000
+    at the least, the others as they were, and a collector someone turned off stays off."""
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)  # CPython's default
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
+        gc.set_threshold(20_000, 3, 4)
+        tune_gc()
+        assert gc.get_threshold() == (20_000, 3, 4)
+        gc.set_threshold(0, 10, 10)
+        tune_gc()
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*saved)
