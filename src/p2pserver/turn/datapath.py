@@ -62,6 +62,7 @@ os.register_at_fork(after_in_child=_forget_txids)
 
 
 def _txid() -> bytes:
+    """The next id of the pool: for the event loop's thread only (it counts without a lock)."""
     global _txid_pool, _txid_next
     if _txid_next >= _TXIDS:
         _txid_pool, _txid_next = os.urandom(12 * _TXIDS), 0
