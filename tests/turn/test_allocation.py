@@ -193,6 +193,21 @@ def test_even_port_with_reservation_then_allocate_with_the_token() -> None:
     assert again.error_code == 508  # a token is good once
 
 
+def test_a_reserved_port_that_cannot_be_bound_is_508() -> None:
+    """A worker's token names a port it must bind anew (SharedRelayPorts), which can fail as
+    open() can: the Allocate gets 508, not a fault and no answer."""
+
+    class Unbindable(RecordingRelays):
+        def take_reserved(self, token: bytes) -> RecordingRelay | None:
+            raise NoCapacity("cannot bind a relay on 192.0.2.10")
+
+    h = Harness()
+    h.relays = Unbindable()
+    h.core.relays = h.relays
+    answer = h.allocate(**{"RESERVATION-TOKEN": b"t" * 8})
+    assert answer.error_code == 508
+
+
 def test_additional_address_family_is_answered_per_family() -> None:
     h = Harness()
     answer = h.allocate(**{"ADDITIONAL-ADDRESS-FAMILY": 2})

@@ -54,7 +54,9 @@ class RelayFactory(Protocol):
         NoCapacity when no port is free."""
         ...
 
-    def take_reserved(self, token: bytes) -> Relay | None: ...
+    def take_reserved(self, token: bytes) -> Relay | None:
+        """The relay a RESERVATION-TOKEN kept, or None; NoCapacity as open() raises it."""
+        ...
 
     def next_deadline(self) -> float | None:
         """When the first unused EVEN-PORT reservation runs out (monotonic clock)."""

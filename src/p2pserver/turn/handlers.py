@@ -231,20 +231,20 @@ class TurnCore:
             return error(quota)
 
         reservation: bytes | None = None
-        if token is not None:
-            relay = self.relays.take_reserved(token)
-            if relay is None:
-                return error(508, "Unknown or expired RESERVATION-TOKEN")
-        else:
-            try:
+        try:
+            if token is not None:
+                relay = self.relays.take_reserved(token)
+                if relay is None:
+                    return error(508, "Unknown or expired RESERVATION-TOKEN")
+            else:
                 relay, reservation = self.relays.open(
                     family,
                     even_port=even_port is not None,
                     reserve_next=bool(even_port),
                     dont_fragment="DONT-FRAGMENT" in attrs,
                 )
-            except NoCapacity:
-                return error(508)
+        except NoCapacity:  # RFC 8656 §7.2: the port (or any port) could not be had
+            return error(508)
         relays = {relay.family: relay}
         # RFC 8656 §7.2: ADDITIONAL-ADDRESS-FAMILY asks for an IPv6 relayed address as well,
         # in the same allocation; when it cannot be had, the IPv4 one is still granted and
