@@ -204,7 +204,9 @@ class Allocation:
         self.peer_sentb += length
 
     def from_peer(self, data: bytes, peer: Address) -> None:
-        """A datagram on the relay socket: to the client as ChannelData or a Data indication."""
+        """A datagram on the relay socket: to the client as ChannelData or a Data indication.
+        Its channel case is written out again in from_client_channel's relay-to-relay branch:
+        a change here goes there too."""
         if peer[0] not in self.permissions:
             self.peer_denied += 1
             return  # RFC 8656 §11.4: drop silently

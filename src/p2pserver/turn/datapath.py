@@ -9,16 +9,22 @@ import os
 import socket
 import struct
 
-from p2pserver.turn.stun import COOKIE, KNOWN_TYPES, pack_xor_address
+from p2pserver.turn.stun import (
+    COOKIE,
+    DATA,
+    FINGERPRINT,
+    FINGERPRINT_XOR,
+    KNOWN_TYPES,
+    SEND_INDICATION,
+    XOR_PEER_ADDRESS,
+    pack_xor_address,
+)
 from p2pserver.turn.stun import COOKIE_BYTES as _COOKIE_BYTES
 
-_SEND_INDICATION = 0x0016
+_SEND_TYPE = int.from_bytes(SEND_INDICATION)
 _DATA_INDICATION = b"\x00\x17"
-_XOR_PEER_ADDRESS = 0x0012
-_DATA = 0x0013
-_FINGERPRINT = 0x8028
 _HDR = struct.Struct("!HH")
-_FINGERPRINT_HEAD = _HDR.pack(_FINGERPRINT, 4)
+_FINGERPRINT_HEAD = _HDR.pack(FINGERPRINT, 4)
 
 
 # The first bytes of ChannelData: channels 0x4000-0x7FFF (is_channel). A set, so the hot paths
@@ -33,8 +39,8 @@ def is_channel(first_byte: int) -> bool:
     RFC 8656 §12 narrowed channels to 0x4000-0x4FFF, but RFC 5766 §11 allowed 0x4000-0x7FFF and
     its clients (coturn's turnutils_uclient among them) still pick from the whole range; coturn
     and pion accept it, so this server does too (docs/turn.md, "Channel numbers"). STUN's first
-    byte is 0x00-0x3F, so the two never overlap. The one rule for ChannelBind, the UDP listener
-    and the TCP framer."""
+    byte is 0x00-0x3F, so the two never overlap. ChannelBind asks this; the UDP listener and the
+    TCP framer test CHANNEL_FIRST_BYTES, the same rule, without the call."""
     return first_byte in CHANNEL_FIRST_BYTES
 
 
@@ -81,7 +87,7 @@ def _peer_attr(peer: tuple[str, int], txid: bytes) -> bytes:
     attr = _v4_peer_attrs.get(peer)
     if attr is None:
         xaddr = pack_xor_address(peer, txid)
-        attr = _HDR.pack(_XOR_PEER_ADDRESS, len(xaddr)) + xaddr
+        attr = _HDR.pack(XOR_PEER_ADDRESS, len(xaddr)) + xaddr
         if len(xaddr) == 8:  # IPv4
             if len(_v4_peer_attrs) >= _CACHED:
                 _v4_peer_attrs.clear()
@@ -103,7 +109,7 @@ def data_indication(peer: tuple[str, int], payload: bytes) -> bytes:
             _COOKIE_BYTES,
             txid,
             peer_attr,
-            _HDR.pack(_DATA, size),
+            _HDR.pack(DATA, size),
             payload,
             bytes(pad),
         )
@@ -124,12 +130,12 @@ def parse_send(data: bytes) -> tuple[tuple[str, int], bytes] | None:
         )
         end = 36 + dlen + (-dlen & 3)
         if (
-            mtype == _SEND_INDICATION
+            mtype == _SEND_TYPE
             and cookie == _COOKIE_BYTES
-            and atype == _XOR_PEER_ADDRESS
+            and atype == XOR_PEER_ADDRESS
             and alen == 8
             and family == 1
-            and dtype == _DATA
+            and dtype == DATA
             and length + 20 == len(data)
             and (end == len(data) or (end + 8 == len(data) and _fingerprint_ok(data, end)))
         ):
@@ -148,7 +154,7 @@ def _parse_send_any(data: bytes) -> tuple[tuple[str, int], bytes] | None:
     if len(data) < 20 or data[4:8] != _COOKIE_BYTES:
         return None
     mtype, length = _HDR.unpack_from(data)
-    if mtype != _SEND_INDICATION or length + 20 != len(data) or length & 3:
+    if mtype != _SEND_TYPE or length + 20 != len(data) or length & 3:
         return None
     peer: tuple[str, int] | None = None
     payload: bytes | None = None
@@ -160,13 +166,13 @@ def _parse_send_any(data: bytes) -> tuple[tuple[str, int], bytes] | None:
         vend = vstart + alen
         if vend > end:
             return None
-        if atype == _XOR_PEER_ADDRESS and peer is None:
+        if atype == XOR_PEER_ADDRESS and peer is None:
             peer = _xor_address(data[vstart:vend], data[8:20])
             if peer is None:
                 return None
-        elif atype == _DATA and payload is None:
+        elif atype == DATA and payload is None:
             payload = data[vstart:vend]
-        elif atype == _FINGERPRINT:
+        elif atype == FINGERPRINT:
             if alen != 4 or vend != end or not _fingerprint_ok(data, pos):
                 return None
         elif atype < 0x8000 and atype not in KNOWN_TYPES:
@@ -179,11 +185,11 @@ def _parse_send_any(data: bytes) -> tuple[tuple[str, int], bytes] | None:
 
 def _fingerprint_ok(data: bytes, pos: int) -> bool:
     """Whether `data` ends, at `pos`, in a FINGERPRINT attribute (8 bytes) that matches what
-    comes before it (RFC 8489 §14.7)."""
+    comes before it (RFC 8489 §14.7). The callers checked that the header's length reaches the
+    end, so it already counts the FINGERPRINT, as the CRC wants."""
     if data[pos : pos + 4] != _FINGERPRINT_HEAD:
         return False
-    check = data[:2] + (pos + 8 - 20).to_bytes(2) + data[4:pos]
-    return int.from_bytes(data[pos + 4 : pos + 8]) == binascii.crc32(check) ^ 0x5354554E
+    return int.from_bytes(data[pos + 4 : pos + 8]) == binascii.crc32(data[:pos]) ^ FINGERPRINT_XOR
 
 
 def _xor_address(value: bytes, txid: bytes) -> tuple[str, int] | None:

@@ -120,8 +120,8 @@ class TurnCore:
         (unit tests) may give `now` alone, and it serves as both."""
         if wall is None:
             wall = now
-        if data[:2] == stun.SEND_INDICATION:
-            self.send_indication(data, client)
+        if data[:2] == stun.SEND_INDICATION:  # the listeners hand these over themselves
+            self.relay_indication(self.table.get(client.five_tuple), data)
             return None
         if data[:2] == stun.BINDING_REQUEST:
             reply = self.answer_binding(data, client.remote)
@@ -395,13 +395,10 @@ class TurnCore:
         self.table.reschedule(allocation)
         return self.responder.success(request, {}, key)
 
-    def send_indication(self, data: bytes, client: Client) -> None:
-        """RFC 8656 §11.3: relay the DATA to the peer if there is a permission, else drop."""
-        self.relay_indication(self.table.get(client.five_tuple), data)
-
     def relay_indication(self, allocation: Allocation | None, data: bytes) -> None:
-        """send_indication, for a caller that has found the client's allocation (or None)
-        itself: the UDP listener, by client address, as for ChannelData."""
+        """RFC 8656 §11.3: relay a Send indication's DATA to its peer if the client's
+        allocation (None: it has none) has a permission for it, else drop it. The listeners
+        find the allocation as they do for ChannelData."""
         parsed = parse_send(data) if allocation is not None else None
         if parsed is None or allocation is None:
             self.stats.dropped += 1

@@ -59,7 +59,7 @@ class SharedUserCounts:
         self._counts[index] = max(0, self._counts[index] + delta)
 
     def clear(self, row: int) -> None:
-        """Worker `row` holds nothing any more (it died, or starts afresh)."""
+        """Worker `row` holds nothing any more (it died)."""
         start = row * SLOTS * _WIDTH
         self._map[start : start + SLOTS * _WIDTH] = bytes(SLOTS * _WIDTH)
 

@@ -154,10 +154,11 @@ class UdpListener(asyncio.DatagramProtocol):
                     if found is not None:
                         found.from_client_channel(data)
                     return
-                if data[:2] == SEND_INDICATION:  # Firefox relays in these, never on channels
+                head = data[:2]
+                if head == SEND_INDICATION:  # Firefox relays in these, never on channels
                     core.relay_indication(allocation(addr), data)
                     return
-                if data[:2] == BINDING_REQUEST:  # the commonest request, answered the short way
+                if head == BINDING_REQUEST:  # the commonest request, answered the short way
                     reply = core.answer_binding(data, addr)
                     if reply is not None:
                         send(reply, addr)
@@ -240,6 +241,9 @@ class StreamConnection(asyncio.Protocol):
                 allocation = self.allocations.get(self.five_tuple)
                 if allocation is not None:
                     allocation.from_client_channel(frame)
+                continue
+            if frame[:2] == SEND_INDICATION:  # as over UDP: no answer, no new state
+                self.core.relay_indication(self.allocations.get(self.five_tuple), frame)
                 continue
             reply = self.server.handle(frame, self.client)
             if reply is not None:

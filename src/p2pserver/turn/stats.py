@@ -13,6 +13,8 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Protocol
 
+from p2pserver.turn.stun import REQUEST_METHODS
+
 
 class Traffic(Protocol):
     """What an allocation counts as it relays (allocation.Allocation)."""
@@ -83,8 +85,7 @@ class TurnStats:
     client_write_drops: int
 
     def count_request(self, method: int, transport: str) -> None:
-        key = _REQUEST_KEYS.get((method, transport))  # an IntEnum hashes as its int
-        self.labelled[key or f"requests.other.{transport}"] += 1
+        self.labelled[_REQUEST_KEYS[method, transport]] += 1  # an IntEnum hashes as its int
 
     def count_error(self, code: int) -> None:
         self.labelled[f"errors.{code}"] += 1
@@ -119,17 +120,10 @@ class TurnStats:
         return counts
 
 
-METHOD_NAMES = {
-    0x001: "binding",
-    0x003: "allocate",
-    0x004: "refresh",
-    0x008: "create_permission",
-    0x009: "channel_bind",
-}
 # "requests.<method>.<transport>" for every request the core answers (stun.decode refuses
 # the other methods before they are counted).
 _REQUEST_KEYS = {
-    (method, transport): f"requests.{name}.{transport}"
-    for method, name in METHOD_NAMES.items()
+    (int(method), transport): f"requests.{method.name.lower()}.{transport}"
+    for method in REQUEST_METHODS
     for transport in ("udp", "tcp", "tls")
 }

@@ -35,6 +35,7 @@ MESSAGE_INTEGRITY = 0x0008
 MESSAGE_INTEGRITY_SHA256 = 0x001C
 FINGERPRINT = 0x8028
 XOR_PEER_ADDRESS = 0x0012
+DATA = 0x0013
 
 # Methods this server answers (RFC 8656 §17); any other request gets 400.
 REQUEST_METHODS = frozenset(
