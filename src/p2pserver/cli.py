@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from p2pserver.config import Settings, StartupError
+from p2pserver.config import SYNC_MODES, Settings, StartupError
 from p2pserver.logs import configure_logging
 
 log = logging.getLogger("p2pserver")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--db", default=d.db, help="SQLite database file (p2pserver.db)")
     http.add_argument(
         "--db-sync",
-        choices=("normal", "full"),
+        choices=SYNC_MODES,
         default=d.db_sync,
         help="normal: answer create-chat before the room is written (a crash or power cut "
         "just after may lose it); full: once it is written and the disk synced (normal)",

@@ -6,6 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+SYNC_MODES = ("normal", "full")  # --db-sync (docs/api.md#rooms)
 
 
 class StartupError(Exception):

@@ -21,7 +21,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from p2pserver.rooms import Room, is_room_id
+from p2pserver.rooms import CLOSE_FLUSH_TIMEOUT, Room, is_room_id
 from p2pserver.store import Limiter, Store, StoreUnavailable
 
 log = logging.getLogger("p2pserver.rooms")
@@ -95,7 +95,7 @@ class RoomCache:
     # -- writes ------------------------------------------------------------------------------
 
     async def create(self, **options: Any) -> tuple[str, str | None]:
-        """As RoomStore.create; the new room is remembered, so its joins need no read."""
+        """As RoomStore.create_room; the new room is remembered, so its joins need no read."""
         room, pin = await self.store.create_room(**options)
         self._remember(room)
         return room.id, pin
@@ -135,7 +135,8 @@ class RoomCache:
                 await self._writer
             self._writer = None
         with contextlib.suppress(Exception):  # a store already closed has nothing to take
-            await self.flush()
+            # Bounded as the store's own closing is: a touch waits for the rooms given out.
+            await asyncio.wait_for(self.flush(), CLOSE_FLUSH_TIMEOUT)
         await self.store.close()
 
     # -- internals ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Any
 import aiosqlite
 
 from p2pserver import pins
+from p2pserver.config import SYNC_MODES
 from p2pserver.ratelimit import MemoryLimiter
 
 log = logging.getLogger("p2pserver.rooms")
@@ -77,7 +78,6 @@ async def _v2(db: aiosqlite.Connection) -> None:
 # field are at every version.
 MIGRATIONS: tuple[Migration, ...] = (_v1, _v2)
 SCHEMA_VERSION = len(MIGRATIONS)
-SYNC_MODES = ("normal", "full")  # --db-sync
 
 
 async def check_pin(room: Room, pin: str) -> bool:
@@ -108,7 +108,7 @@ async def new_room(
 
 
 class RoomStore:
-    """Rooms in one aiosqlite connection.
+    """Rooms in SQLite: reads on one aiosqlite connection, writes through `_Writer`'s own.
 
     Every cursor is closed (or dropped) on aiosqlite's worker thread, never left to the garbage
     collector on the event loop's thread: a sqlite3 cursor that dies holding a statement resets
@@ -172,12 +172,14 @@ class RoomStore:
             for _, waiter in self._inserts:
                 _settle(waiter, RuntimeError("room store closed"))
             self._inserts = []
-            if self._lost_log is not None:  # what the rate limit held back, said now
-                self._lost_log.cancel()
-                self._log_lost()
             if self._writer is not None:
                 await self._writer.close()
             await self._db.close()
+            # Last, once the callbacks of the rooms just failed have run: what the rate limit
+            # held back is said now, not by a timer the process will not live to see.
+            if self._lost_log is not None:
+                self._lost_log.cancel()
+                self._log_lost()
 
     async def ping(self) -> bool:
         try:
@@ -226,13 +228,12 @@ class RoomStore:
 
     def _saved(self, room_id: str, waiter: asyncio.Future[None]) -> None:
         """An unsaved room's insert is over: on disk, or lost."""
-        entry = self._unsaved.get(room_id)
-        if entry is not None and entry[1] is waiter:
-            del self._unsaved[room_id]
+        self._unsaved.pop(room_id, None)
         error = None if waiter.cancelled() else waiter.exception()
         if error is None:
             return
-        self._writes_fail = True  # until a write works, creates wait for theirs (_insert)
+        if not isinstance(error, aiosqlite.IntegrityError):  # a taken id says nothing of the disk
+            self._writes_fail = True  # until a write works, creates wait for theirs (_insert)
         self.lost += 1
         self._lost_error = error
         self.on_lost(room_id)
@@ -325,8 +326,8 @@ class RoomStore:
             )
 
     async def sweep(self, now: float) -> int:
-        """Delete rooms idle for longer than the TTL; return how many."""
-        await self._written()
+        """Delete rooms idle for longer than the TTL; return how many (a room given out and
+        not yet written is new: nothing to wait for)."""
         return await self._write_many(
             "DELETE FROM rooms WHERE last_active <= ?", [(now - self.ttl,)]
         )
@@ -419,9 +420,9 @@ class _Writer:
             try:
                 result = job()
             except BaseException as exc:
-                future.get_loop().call_soon_threadsafe(_fail, future, exc)
+                future.get_loop().call_soon_threadsafe(_settle, future, exc)
             else:
-                future.get_loop().call_soon_threadsafe(_succeed, future, result)
+                future.get_loop().call_soon_threadsafe(_settle, future, None, result)
         self._close()
 
     async def close(self) -> None:
@@ -452,23 +453,13 @@ class _Writer:
             self._conn = None
 
 
-def _succeed(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():  # its awaiter went away (cancelled)
-        future.set_result(result)
-
-
-def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
-    if not future.done():
-        future.set_exception(error)
-
-
-def _settle(waiter: asyncio.Future[None], error: BaseException | None) -> None:
-    if waiter.done():  # its creator went away (cancelled)
+def _settle(future: asyncio.Future[Any], error: BaseException | None, result: Any = None) -> None:
+    if future.done():  # its awaiter went away (cancelled)
         return
     if error is None:
-        waiter.set_result(None)
+        future.set_result(result)
     else:
-        waiter.set_exception(error)
+        future.set_exception(error)
 
 
 async def migrate(db: aiosqlite.Connection) -> int:

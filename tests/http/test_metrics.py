@@ -14,6 +14,7 @@ import pytest
 import websockets
 from aioice.stun import Class, Message, Method
 from aioice.turn import create_turn_endpoint
+from httpkit import Server
 from prometheus_client.parser import text_string_to_metric_families
 
 from p2pserver.metrics import Metrics
@@ -220,3 +221,14 @@ def test_metrics_access_by_address() -> None:
     assert metrics.allowed("::ffff:127.0.0.1")  # an IPv4 client on a dual-stack socket
     assert not metrics.allowed("192.0.2.1") and not metrics.allowed("::ffff:192.0.2.1")
     assert not metrics.allowed("unix-socket") and not metrics.allowed(None)
+
+
+async def test_rooms_lost_are_the_stores_count(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """p2pserver_rooms_lost_total is what the room store counted (docs/operations.md)."""
+    store = server.app.state.hub.store.store
+    monkeypatch.setattr(store, "lost", 3)
+    async with server.client() as http:
+        samples = parse((await http.get("/metrics")).text)
+    assert samples[("p2pserver_rooms_lost_total", frozenset())] == 3

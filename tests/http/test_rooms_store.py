@@ -16,7 +16,7 @@ from httpkit import rooms_on_disk
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pserver import credentials, pins
+from p2pserver import credentials, pins, roomcache, rooms
 from p2pserver.config import Settings
 from p2pserver.ice import host_from_header, ice_servers, url_host
 from p2pserver.ratelimit import MemoryLimiter, SlidingWindow, TokenBucket
@@ -354,7 +354,17 @@ async def test_an_in_memory_store_writes_through_its_one_connection() -> None:
         assert await store.get(gone, 1150.0) is None
         room = await store.get(kept, 1150.0)
         assert room is not None and room.last_active == 1090.0
-        assert await store.turn_secret() == await store.turn_secret()
+        secret = await store.turn_secret()
+        assert await store.turn_secret() == secret
+        # Writes at the same moment take the one connection in turn (a nested BEGIN fails).
+        _, swept, again, *_ = await asyncio.gather(
+            store.touch([kept], 1091.0),
+            store.sweep(1150.0),
+            store.turn_secret(),
+            *(create(store, with_pin=False, max_peers=2, now=1100.0) for _ in range(3)),
+        )
+        assert swept == 0 and again == secret
+        assert await store.count() == 4
     finally:
         await store.close()
 
@@ -454,3 +464,51 @@ async def test_a_failed_write_loses_only_the_rooms_already_given_out(
     lines = [r.getMessage() for r in caplog.records if "could not be written" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("3 new room(s)"), lines  # one per batch
     assert next(r for r in caplog.records if "could not be written" in r.getMessage()).exc_info
+
+
+async def test_losses_within_the_log_interval_are_said_at_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One line per LOST_LOG_INTERVAL at most: a second failed write inside it is held back,
+    and closing the store says it rather than leaving it to a timer."""
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
+
+    async def insert_rows(rows: list[tuple[Any, ...]]) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "_insert_rows", insert_rows)
+    await create(store, with_pin=False, max_peers=2, now=1000.0)
+    await store._written()
+    store._writes_fail = False  # as if a write had worked since: the next is given out again
+    await create(store, with_pin=False, max_peers=2, now=1000.0)
+    await store._written()
+    lines = [r.getMessage() for r in caplog.records if "could not be written" in r.getMessage()]
+    assert store.lost == 2 and len(lines) == 1  # the second is held back (10 s)
+    await store.close()
+    lines = [r.getMessage() for r in caplog.records if "could not be written" in r.getMessage()]
+    assert lines[1:] == [
+        "1 new room(s) could not be written and are lost (2 in all): "
+        "OperationalError('disk I/O error')"
+    ]
+
+
+async def test_closing_waits_for_a_stuck_write_only_so_long(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that never ends (a hung disk) holds a stop up for CLOSE_FLUSH_TIMEOUT, not for
+    ever, also through the cache's last touches; the room it held is counted as lost."""
+    monkeypatch.setattr(rooms, "CLOSE_FLUSH_TIMEOUT", 0.2)
+    monkeypatch.setattr(roomcache, "CLOSE_FLUSH_TIMEOUT", 0.2)
+    store = await RoomStore.open(str(tmp_path / "a.db"), ttl=100)
+    hung = asyncio.Event()
+
+    async def insert_rows(rows: list[tuple[Any, ...]]) -> None:
+        await hung.wait()  # never set
+
+    monkeypatch.setattr(store, "_insert_rows", insert_rows)
+    cache = RoomCache(store)
+    await cache.create(with_pin=False, max_peers=2, now=1000.0)
+    await cache.touch(["room999999999999"], 1001.0)  # a touch the close will try to write
+    async with asyncio.timeout(5.0):  # in this task: the touch is still the close's to write
+        await cache.close()
+    assert store.lost == 1
