@@ -261,14 +261,24 @@ class App(Starlette):
     Signaling WebSockets go straight to the hub: middleware and routing have nothing to do for
     them (CORS is HTTP only; the hub answers its own faults), and each open socket would
     otherwise keep their frames alive for as long as it stays connected. `POST /create-chat`
-    goes through a stack of its own (`create_stack`): the same metrics and CORS middleware and
-    the same error answers, without Starlette's exception middleware and router in between.
-    bench/README.md has the memory and peers-ready figures.
+    goes through a stack of its own (`create_stack`), built with Starlette's from the same
+    middleware and exception handlers (added ones too), without Starlette's exception
+    middleware and router in between. bench/README.md has the memory and peers-ready figures.
     """
 
-    create_stack: ASGIApp | None = None
+    create_route: Route | None = None  # set by create_app
+    create_stack: ASGIApp | None = None  # built with the middleware stack
+
+    def build_middleware_stack(self) -> ASGIApp:
+        if self.create_route is not None:
+            self.create_stack = _create_stack(
+                self.create_route, self.user_middleware, self.exception_handlers
+            )
+        return super().build_middleware_stack()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.middleware_stack is None:  # both stacks at the first call, as Starlette does
+            self.middleware_stack = self.build_middleware_stack()
         if scope["type"] == "websocket":
             match = _SIGNALING_PATH.fullmatch(scope["path"])
             if match is not None:
@@ -421,7 +431,7 @@ def create_app(settings: Settings) -> Starlette:
         Exception: _server_error,
     }
     routes = [
-        create_route,  # served by App.create_stack; here for preflights, 405s and url_for
+        create_route,  # served by App.create_stack; here for 405s and url_for
         Route("/check-chat/{room_id}", check_chat, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         # /ws/{room_id}: signaling, dispatched by App itself.
@@ -438,7 +448,7 @@ def create_app(settings: Settings) -> Starlette:
         exception_handlers=handlers,
         lifespan=lifespan,
     )
-    app.create_stack = _create_stack(create_route, middleware, handlers)
+    app.create_route = create_route
     app.state.settings = settings
     app.state.hub = hub
     app.state.turn = None

@@ -275,3 +275,35 @@ async def test_sweep_forgets_old_create_limits(start_server: StartServer) -> Non
     window = server.app.state.create_limiter.window  # SQLite: the limits stay in memory
     window.hit("192.0.2.99", time.monotonic() - 120)
     await wait_until(lambda: len(window) == 0)
+
+
+async def test_middleware_added_after_create_app_also_wraps_create_chat() -> None:
+    """POST /create-chat has a stack of its own (App.create_stack), built from the app's
+    middleware when Starlette builds its own: one added later wraps it too."""
+    import httpx
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+    from p2pserver.app import create_app
+    from p2pserver.config import Settings
+
+    class Stamp:
+        def __init__(self, app: ASGIApp) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            async def stamped(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message["headers"] = [*message.get("headers", []), (b"x-stamp", b"1")]
+                await send(message)
+
+            await self.app(scope, receive, stamped)
+
+    app = create_app(Settings())
+    app.add_middleware(Stamp)
+    # No lifespan, so no store: create-chat answers 500, through the middleware all the same.
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        created = await http.post("/create-chat", json={})
+        unknown = await http.get("/no-such-page")  # through Starlette's own stack: a 404
+    assert unknown.status_code == 404 and unknown.headers.get("x-stamp") == "1", unknown
+    assert created.headers.get("x-stamp") == "1", created
